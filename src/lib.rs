@@ -1,0 +1,96 @@
+//! shadowgate: an edge reverse proxy on Pingora whose headline is safe, streaming traffic mirroring.
+//! `build_server` turns a validated [`Config`] into a ready-to-run Pingora server; `main`, tests and benches share it.
+
+pub mod config;
+pub mod metrics;
+pub mod mirror;
+pub mod proxy;
+pub mod request;
+pub mod routing;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use log::info;
+use pingora_core::server::configuration::Opt;
+use pingora_core::server::{
+    RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch,
+};
+use pingora_core::services::background::background_service;
+
+pub use config::{Config, ConfigError};
+use metrics::Metrics;
+use mirror::MirrorRuntime;
+use proxy::ShadowGate;
+
+/// A built server, ready to run.
+pub struct App {
+    server: Server,
+    draining: Arc<AtomicBool>,
+}
+
+/// Build the Pingora server with the proxy, health checks and metrics services.
+pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
+    config::prepare_runtime_dirs(&config.server)?;
+    let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
+    server.bootstrap();
+
+    let metrics = Metrics::global();
+    metrics.record_process_info();
+    let (pools, health_checks) = upstream::build_pools(&config.upstreams, &metrics);
+    let mirror_runtime = Arc::new(MirrorRuntime::new(
+        config.mirror_budget_bytes,
+        server.configuration.upstream_keepalive_pool_size,
+        &metrics,
+    ));
+    let draining = Arc::new(AtomicBool::new(false));
+    let proxy = ShadowGate::new(&config, &pools, &metrics, mirror_runtime, draining.clone());
+
+    let mut proxy_service =
+        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "shadowgate proxy");
+    for listener in &config.listeners {
+        proxy_service.add_tcp(&listener.address.to_string());
+        info!("listening on http://{}", listener.address);
+    }
+    server.add_service(proxy_service);
+    server.add_service(background_service("upstream health checks", health_checks));
+    if let Some(metrics_config) = &config.metrics {
+        let mut service = pingora_prometheus::prometheus_http_service();
+        service.add_tcp(&metrics_config.address.to_string());
+        info!("metrics on http://{}/metrics", metrics_config.address);
+        server.add_service(service);
+    }
+    Ok(App { server, draining })
+}
+
+impl App {
+    /// Run until a signal stops the server: SIGQUIT hands the listening sockets
+    /// to a new process (`-u`), SIGTERM drains and stops, SIGINT stops at once.
+    pub fn run(self) {
+        let signals = DrainOnShutdown {
+            draining: self.draining,
+        };
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(signals),
+        });
+    }
+}
+
+/// Pingora's Unix signal handling, plus: from the moment a shutdown or upgrade
+/// starts, every response says `Connection: close`. Pingora drops idle keep-alive
+/// connections when it stops; this way busy clients have already moved on.
+struct DrainOnShutdown {
+    draining: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = UnixShutdownSignalWatch.recv().await;
+        self.draining.store(true, Ordering::Relaxed);
+        info!("shutdown signal received ({signal:?}): closing keep-alive connections as responses finish");
+        signal
+    }
+}

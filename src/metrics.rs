@@ -1,0 +1,206 @@
+//! Every Prometheus metric shadowgate exports, defined in one place.
+//! Hot paths take pre-labelled handles (`RouteMetrics`, `MirrorMetrics`) so a request does no label lookups it can avoid.
+
+use std::sync::{Arc, OnceLock};
+
+use pingora_prometheus::prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::mirror::AbandonReason;
+
+/// Latency buckets in seconds, from half a millisecond to half a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Label value for requests that matched no route.
+pub const NO_ROUTE: &str = "no_route";
+
+/// The process's metric families, registered once in the default Prometheus registry.
+pub struct Metrics {
+    requests_total: IntCounterVec,
+    request_duration: HistogramVec,
+    mirror_sampled: IntCounterVec,
+    mirror_completed: IntCounterVec,
+    mirror_abandoned: IntCounterVec,
+    mirror_bytes: IntCounterVec,
+    mirror_duration: HistogramVec,
+    mirror_in_flight: IntGaugeVec,
+    /// Shadow bytes queued in the whole process, against `mirror_budget_bytes`.
+    pub mirror_queued_bytes: IntGauge,
+    server_healthy: IntGaugeVec,
+    process_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// The process-wide metrics, created and registered on first use.
+    pub fn global() -> Arc<Metrics> {
+        static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
+        METRICS
+            .get_or_init(|| Arc::new(Metrics::register(pingora_prometheus::prometheus::default_registry())))
+            .clone()
+    }
+
+    fn register(registry: &Registry) -> Metrics {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("metric definition is valid");
+            // Registration only fails on a duplicate name, which `global` rules out.
+            let _ = registry.register(Box::new(c.clone()));
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("metric definition is valid");
+            let _ = registry.register(Box::new(h.clone()));
+            h
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+            let _ = registry.register(Box::new(g.clone()));
+            g
+        };
+        let queued = IntGauge::new(
+            "shadowgate_mirror_queued_bytes",
+            "Shadow body bytes queued in the process now, bounded by mirror_budget_bytes",
+        )
+        .expect("metric definition is valid");
+        let _ = registry.register(Box::new(queued.clone()));
+
+        Metrics {
+            requests_total: counter(
+                "shadowgate_requests_total",
+                "Requests answered, by route and response status",
+                &["route", "status"],
+            ),
+            request_duration: histogram(
+                "shadowgate_request_duration_seconds",
+                "Time from request start to the end of the response, by route",
+                &["route"],
+            ),
+            mirror_sampled: counter(
+                "shadowgate_mirror_sampled_total",
+                "Requests chosen for mirroring",
+                &["route", "mirror"],
+            ),
+            mirror_completed: counter(
+                "shadowgate_mirror_completed_total",
+                "Shadow requests whose response was read to the end, by status class",
+                &["route", "mirror", "status_class"],
+            ),
+            mirror_abandoned: counter(
+                "shadowgate_mirror_abandoned_total",
+                "Requests not mirrored or shadow requests given up, by reason",
+                &["route", "mirror", "reason"],
+            ),
+            mirror_bytes: counter(
+                "shadowgate_mirror_bytes_total",
+                "Request body bytes written to shadow upstreams",
+                &["route", "mirror"],
+            ),
+            mirror_duration: histogram(
+                "shadowgate_mirror_duration_seconds",
+                "Duration of completed shadow exchanges",
+                &["route", "mirror"],
+            ),
+            mirror_in_flight: gauge(
+                "shadowgate_mirror_in_flight",
+                "Shadow requests under way",
+                &["route", "mirror"],
+            ),
+            mirror_queued_bytes: queued,
+            server_healthy: gauge(
+                "shadowgate_upstream_server_healthy",
+                "1 when the health check considers the server healthy",
+                &["upstream", "server"],
+            ),
+            process_info: gauge(
+                "shadowgate_process_info",
+                "Always 1; labels identify the running process",
+                &["version", "pid"],
+            ),
+        }
+    }
+
+    /// Mark this process in the metrics, so a scrape tells which process answered.
+    pub fn record_process_info(&self) {
+        self.process_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), &std::process::id().to_string()])
+            .set(1);
+    }
+
+    pub fn set_server_health(&self, upstream: &str, server: &str, healthy: bool) {
+        self.server_healthy
+            .with_label_values(&[upstream, server])
+            .set(healthy as i64);
+    }
+
+    /// Handles for one route.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            route: route.to_string(),
+            requests_total: self.requests_total.clone(),
+            duration: self.request_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Handles for one mirror of one route.
+    pub fn mirror(&self, route: &str, mirror: &str) -> MirrorMetrics {
+        let labels = [route, mirror];
+        MirrorMetrics {
+            sampled: self.mirror_sampled.with_label_values(&labels),
+            completed: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| self.mirror_completed.with_label_values(&[route, mirror, class])),
+            abandoned: AbandonReason::ALL
+                .map(|r| self.mirror_abandoned.with_label_values(&[route, mirror, r.as_str()])),
+            bytes: self.mirror_bytes.with_label_values(&labels),
+            duration: self.mirror_duration.with_label_values(&labels),
+            in_flight: self.mirror_in_flight.with_label_values(&labels),
+        }
+    }
+}
+
+/// Pre-labelled metrics of one route.
+pub struct RouteMetrics {
+    route: String,
+    requests_total: IntCounterVec,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let mut buf = itoa::Buffer::new();
+        self.requests_total
+            .with_label_values(&[self.route.as_str(), buf.format(status)])
+            .inc();
+        self.duration.observe(seconds);
+    }
+}
+
+/// Pre-labelled metrics of one mirror.
+pub struct MirrorMetrics {
+    pub sampled: IntCounter,
+    completed: [IntCounter; 5],
+    abandoned: [IntCounter; AbandonReason::ALL.len()],
+    pub bytes: IntCounter,
+    duration: Histogram,
+    pub in_flight: IntGauge,
+}
+
+impl MirrorMetrics {
+    pub fn abandoned(&self, reason: AbandonReason) {
+        self.abandoned[reason as usize].inc();
+    }
+
+    pub fn completed(&self, status: u16, seconds: f64) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.completed[class].inc();
+        self.duration.observe(seconds);
+    }
+}

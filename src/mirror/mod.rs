@@ -1,0 +1,426 @@
+//! Traffic mirroring: which requests a route's mirrors copy, and the tee that hands body chunks to shadows.
+//! The primary never waits on a shadow: each hand-off is a non-blocking try, and trouble abandons only that shadow.
+
+pub mod budget;
+pub mod sampler;
+pub mod shadow;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method};
+use log::{debug, warn};
+use pingora_core::connectors::http::Connector;
+use pingora_http::RequestHeader;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::{MirrorConfig, SampleBy};
+use crate::metrics::{Metrics, MirrorMetrics};
+use crate::request;
+use crate::upstream::Pool;
+use budget::{ByteBudget, QueueAccount};
+use sampler::Sampler;
+use shadow::{ShadowMsg, ShadowSession};
+
+/// Why a request was not mirrored, or why a shadow request was given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbandonReason {
+    Method,
+    BodyTooLarge,
+    QueueFull,
+    MemoryBudget,
+    InFlightLimit,
+    NoHealthyBackend,
+    ConnectError,
+    Timeout,
+    UpstreamError,
+    PrimaryAborted,
+}
+
+impl AbandonReason {
+    pub const ALL: [AbandonReason; 10] = [
+        AbandonReason::Method,
+        AbandonReason::BodyTooLarge,
+        AbandonReason::QueueFull,
+        AbandonReason::MemoryBudget,
+        AbandonReason::InFlightLimit,
+        AbandonReason::NoHealthyBackend,
+        AbandonReason::ConnectError,
+        AbandonReason::Timeout,
+        AbandonReason::UpstreamError,
+        AbandonReason::PrimaryAborted,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbandonReason::Method => "method",
+            AbandonReason::BodyTooLarge => "body_too_large",
+            AbandonReason::QueueFull => "queue_full",
+            AbandonReason::MemoryBudget => "memory_budget",
+            AbandonReason::InFlightLimit => "in_flight_limit",
+            AbandonReason::NoHealthyBackend => "no_healthy_backend",
+            AbandonReason::ConnectError => "connect_error",
+            AbandonReason::Timeout => "timeout",
+            AbandonReason::UpstreamError => "upstream_error",
+            AbandonReason::PrimaryAborted => "primary_aborted",
+        }
+    }
+}
+
+/// What every mirror of the process shares: one connection pool to shadow
+/// upstreams and one budget for queued bytes.
+pub struct MirrorRuntime {
+    connector: Arc<Connector>,
+    budget: Arc<ByteBudget>,
+}
+
+impl MirrorRuntime {
+    pub fn new(budget_bytes: u64, keepalive_pool_size: usize, metrics: &Metrics) -> Self {
+        let options = pingora_core::connectors::ConnectorOptions::new(keepalive_pool_size);
+        MirrorRuntime {
+            connector: Arc::new(Connector::new(Some(options))),
+            budget: Arc::new(ByteBudget::new(
+                budget_bytes,
+                metrics.mirror_queued_bytes.clone(),
+            )),
+        }
+    }
+}
+
+/// One configured mirror of one route.
+pub struct Mirror {
+    route: String,
+    pool: Arc<Pool>,
+    sampler: Sampler,
+    sample_by: SampleBy,
+    methods: Vec<Method>,
+    max_body_bytes: u64,
+    queue_bytes: u64,
+    timeout: Duration,
+    in_flight: Arc<Semaphore>,
+    set_headers: Vec<(HeaderName, HeaderValue)>,
+    remove_headers: Vec<HeaderName>,
+    host: Option<HeaderValue>,
+    mark_header: bool,
+    metrics: MirrorMetrics,
+    runtime: Arc<MirrorRuntime>,
+}
+
+/// Header that tells a shadow upstream the request is a mirrored copy.
+pub const MARKER_HEADER: &str = "x-shadowgate-mirror";
+
+impl Mirror {
+    pub fn new(
+        route: &str,
+        config: &MirrorConfig,
+        pool: Arc<Pool>,
+        metrics: &Metrics,
+        runtime: Arc<MirrorRuntime>,
+    ) -> Self {
+        // Names and values were validated when the config was loaded.
+        let set_headers = config
+            .request_headers
+            .set
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect();
+        let remove_headers = config
+            .request_headers
+            .remove
+            .iter()
+            .filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok())
+            .collect();
+        Mirror {
+            route: route.to_string(),
+            sampler: Sampler::new(config.percentage.basis_points),
+            sample_by: config.sample_by.clone(),
+            methods: config.methods.iter().map(|m| m.0.clone()).collect(),
+            max_body_bytes: config.max_body_bytes,
+            queue_bytes: config.queue_bytes,
+            timeout: Duration::from_millis(config.timeout_ms),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight as usize)),
+            set_headers,
+            remove_headers,
+            host: config
+                .host
+                .as_deref()
+                .and_then(|h| HeaderValue::from_str(h).ok()),
+            mark_header: config.mark_header,
+            metrics: metrics.mirror(route, &pool.name),
+            pool,
+            runtime,
+        }
+    }
+
+    pub fn upstream_name(&self) -> &str {
+        &self.pool.name
+    }
+
+    /// Decide once, before any body byte, whether this request is copied.
+    /// Counts the request as ineligible (by method) but not as unsampled.
+    fn wants(&self, req: &RequestHeader, client_ip: Option<IpAddr>) -> bool {
+        if !self.methods.contains(&req.method) {
+            self.metrics.abandoned(AbandonReason::Method);
+            return false;
+        }
+        let key = match &self.sample_by {
+            SampleBy::Counter => None,
+            SampleBy::Key(key) => request::key_value(key, req, client_ip),
+        };
+        // A request without the key falls back to the counter.
+        let sampled = match key {
+            Some(key) => self.sampler.by_key(&key),
+            None => self.sampler.by_counter(),
+        };
+        if sampled {
+            self.metrics.sampled.inc();
+        }
+        sampled
+    }
+
+    /// Start a shadow session for this request, or say why not.
+    fn start(
+        self: &Arc<Self>,
+        req: &RequestHeader,
+        client_ip: Option<IpAddr>,
+        body: RequestBody,
+    ) -> Result<Tap, AbandonReason> {
+        if let RequestBody::Length(len) = body
+            && len > self.max_body_bytes
+        {
+            return Err(AbandonReason::BodyTooLarge);
+        }
+        let permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| AbandonReason::InFlightLimit)?;
+        let key = self
+            .pool
+            .hash_key()
+            .and_then(|k| request::key_value(k, req, client_ip));
+        let addr = self
+            .pool
+            .select(key.as_deref().unwrap_or_default(), &[])
+            .ok_or(AbandonReason::NoHealthyBackend)?;
+        let peer = self.pool.peer(addr);
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let account = Arc::new(QueueAccount::new(
+            self.queue_bytes,
+            self.runtime.budget.clone(),
+        ));
+        let session = ShadowSession {
+            header: self.shadow_header(req, client_ip),
+            peer,
+            inbox: rx,
+            mirror: self.clone(),
+            _permit: permit,
+        };
+        tokio::spawn(session.run());
+        let mut tap = Tap {
+            mirror: self.clone(),
+            tx,
+            account,
+            delivered: 0,
+            open: true,
+        };
+        if body == RequestBody::Empty {
+            // No body filter call is guaranteed for an empty body (an HTTP/2
+            // upstream skips it), so end the shadow's body right away.
+            tap.end();
+        }
+        Ok(tap)
+    }
+
+    /// The request as the shadow sees it: the original method, path, query and
+    /// end-to-end headers, plus forwarding headers and this mirror's edits.
+    fn shadow_header(&self, req: &RequestHeader, client_ip: Option<IpAddr>) -> RequestHeader {
+        let mut header = req.clone();
+        request::remove_hop_by_hop(&mut header);
+        if self.pool.is_h2() {
+            // HTTP/2 frames the body itself and forbids this header.
+            header.remove_header(&http::header::TRANSFER_ENCODING);
+        }
+        request::add_forwarding_headers(&mut header, client_ip);
+        for name in &self.remove_headers {
+            header.remove_header(name);
+        }
+        for (name, value) in &self.set_headers {
+            let _ = header.insert_header(name.clone(), value.clone());
+        }
+        if let Some(host) = &self.host {
+            let _ = header.insert_header(http::header::HOST, host.clone());
+        }
+        if self.mark_header {
+            let _ = header.insert_header(MARKER_HEADER, "1");
+        }
+        header
+    }
+
+    fn abandoned(&self, reason: AbandonReason) {
+        debug!(
+            "mirror {} -> {}: not mirrored: {}",
+            self.route,
+            self.pool.name,
+            reason.as_str()
+        );
+        self.metrics.abandoned(reason);
+    }
+}
+
+/// What the request header says about the body to come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody {
+    Empty,
+    Length(u64),
+    /// Chunked, or otherwise of unknown length.
+    Streamed,
+}
+
+impl RequestBody {
+    pub fn of(req: &RequestHeader, body_empty: bool) -> RequestBody {
+        if body_empty {
+            return RequestBody::Empty;
+        }
+        match req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            Some(0) => RequestBody::Empty,
+            Some(n) if !req.headers.contains_key(http::header::TRANSFER_ENCODING) => {
+                RequestBody::Length(n)
+            }
+            _ => RequestBody::Streamed,
+        }
+    }
+}
+
+/// The primary side of one live shadow: where its chunks go.
+struct Tap {
+    mirror: Arc<Mirror>,
+    tx: mpsc::UnboundedSender<ShadowMsg>,
+    account: Arc<QueueAccount>,
+    /// Body bytes already handed to the shadow, counted from the start of the body.
+    delivered: u64,
+    open: bool,
+}
+
+impl Tap {
+    fn offer(&mut self, piece: Bytes) {
+        let len = piece.len() as u64;
+        if self.delivered + len > self.mirror.max_body_bytes {
+            return self.abandon(AbandonReason::BodyTooLarge);
+        }
+        let chunk = match self.account.admit(piece) {
+            Ok(chunk) => chunk,
+            Err(reason) => return self.abandon(reason),
+        };
+        if self.tx.send(ShadowMsg::Chunk(chunk)).is_err() {
+            // The shadow already ended and counted its own outcome.
+            self.open = false;
+            return;
+        }
+        self.delivered += len;
+    }
+
+    fn end(&mut self) {
+        let _ = self.tx.send(ShadowMsg::End);
+        self.open = false;
+    }
+
+    fn abandon(&mut self, reason: AbandonReason) {
+        // The shadow counts the reason when it reads this; if it has already
+        // gone, it counted its own.
+        let _ = self.tx.send(ShadowMsg::Abandon(reason));
+        self.open = false;
+    }
+}
+
+/// Per-request mirror state: the live taps and where this upstream attempt is in the body.
+#[derive(Default)]
+pub struct MirrorTee {
+    taps: Vec<Tap>,
+    /// Body offset of the next chunk in the current primary attempt. A retry
+    /// replays the body from the start, so this resets while `delivered` does not.
+    attempt_offset: u64,
+}
+
+impl MirrorTee {
+    /// Decide each mirror of the route for this request and start the sampled ones.
+    pub fn start(
+        mirrors: &[Arc<Mirror>],
+        req: &RequestHeader,
+        client_ip: Option<IpAddr>,
+        body: RequestBody,
+    ) -> MirrorTee {
+        let mut tee = MirrorTee::default();
+        if mirrors.is_empty() || request::is_upgrade(req) {
+            return tee;
+        }
+        for mirror in mirrors {
+            if !mirror.wants(req, client_ip) {
+                continue;
+            }
+            match mirror.start(req, client_ip, body) {
+                Ok(tap) => tee.taps.push(tap),
+                Err(reason) => mirror.abandoned(reason),
+            }
+        }
+        tee
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.taps.iter().any(|t| t.open)
+    }
+
+    /// A new primary attempt starts; its body filter calls begin at offset 0 again.
+    pub fn new_attempt(&mut self) {
+        self.attempt_offset = 0;
+    }
+
+    /// Hand one body chunk of the primary to every live shadow, without waiting.
+    ///
+    /// Each shadow gets each byte once: bytes it already has (a retry replays the
+    /// body) are sliced off. Empty chunks are never forwarded: on a chunked
+    /// HTTP/1 body an empty chunk is the terminator.
+    pub fn tee(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) {
+        let start = self.attempt_offset;
+        let len = chunk.map_or(0, |c| c.len() as u64);
+        self.attempt_offset += len;
+        for tap in self.taps.iter_mut().filter(|t| t.open) {
+            if let Some(chunk) = chunk
+                && start + len > tap.delivered
+            {
+                if tap.delivered < start {
+                    // A gap would corrupt the shadow's body; this cannot happen
+                    // while every chunk passes here, but never risk it.
+                    warn!("mirror tee lost track of the body offset; abandoning shadow");
+                    tap.abandon(AbandonReason::UpstreamError);
+                    continue;
+                }
+                let skip = (tap.delivered - start) as usize;
+                tap.offer(chunk.slice(skip..));
+            }
+            if end_of_stream && tap.open && tap.delivered == self.attempt_offset {
+                tap.end();
+            }
+        }
+    }
+
+    /// The primary is done. A shadow still waiting for body never gets the rest:
+    /// closing its queue makes it drop the connection instead of finishing the body.
+    pub fn finish(&mut self) {
+        self.taps.clear();
+    }
+}

@@ -1,0 +1,159 @@
+//! The shadow session: a detached task that sends one mirrored request to a shadow upstream.
+//! It streams body chunks as the primary hands them over, reads and discards the response, and records the outcome.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::debug;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_http::RequestHeader;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use super::budget::QueuedChunk;
+use super::{AbandonReason, Mirror};
+
+/// What the primary side sends a shadow session.
+#[derive(Debug)]
+pub enum ShadowMsg {
+    Chunk(QueuedChunk),
+    /// The body is complete.
+    End,
+    /// Give up: close the connection without finishing the body.
+    Abandon(AbandonReason),
+}
+
+/// How one shadow exchange ended.
+enum Outcome {
+    Completed { status: u16 },
+    Abandoned(AbandonReason),
+}
+
+/// One mirrored request, owned by its own task.
+pub(super) struct ShadowSession {
+    pub header: RequestHeader,
+    pub peer: HttpPeer,
+    pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
+    pub mirror: Arc<Mirror>,
+    /// Held for the life of the session: it is this request's place under `max_in_flight`.
+    pub _permit: OwnedSemaphorePermit,
+}
+
+impl ShadowSession {
+    /// Run the exchange within the mirror's timeout and record how it ended.
+    pub async fn run(mut self) {
+        let mirror = self.mirror.clone();
+        let started = Instant::now();
+        mirror.metrics.in_flight.inc();
+        let outcome = match tokio::time::timeout(mirror.timeout, self.exchange()).await {
+            Ok(outcome) => outcome,
+            // Dropping the exchange drops its connection: a half-sent body is
+            // closed, never finished.
+            Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
+        };
+        mirror.metrics.in_flight.dec();
+        let method = self.header.method.as_str();
+        let path = self.header.uri.path();
+        match outcome {
+            Outcome::Completed { status } => {
+                let seconds = started.elapsed().as_secs_f64();
+                mirror.metrics.completed(status, seconds);
+                debug!(
+                    "mirror {} -> {} {} {}: shadow answered {} in {:.1} ms",
+                    mirror.route,
+                    mirror.pool.name,
+                    method,
+                    path,
+                    status,
+                    seconds * 1000.0
+                );
+            }
+            Outcome::Abandoned(reason) => {
+                mirror.metrics.abandoned(reason);
+                debug!(
+                    "mirror {} -> {} {} {}: shadow abandoned: {}",
+                    mirror.route,
+                    mirror.pool.name,
+                    method,
+                    path,
+                    reason.as_str()
+                );
+            }
+        }
+    }
+
+    async fn exchange(&mut self) -> Outcome {
+        use AbandonReason::{ConnectError, PrimaryAborted, UpstreamError};
+        let connector = &self.mirror.runtime.connector;
+        let mut session = match connector.get_http_session(&self.peer).await {
+            Ok((session, _reused)) => session,
+            Err(e) => {
+                debug!("shadow connect to {} failed: {e}", self.peer);
+                return Outcome::Abandoned(ConnectError);
+            }
+        };
+        if let Err(e) = session
+            .write_request_header(Box::new(self.header.clone()))
+            .await
+        {
+            debug!("shadow request header to {} failed: {e}", self.peer);
+            return Outcome::Abandoned(UpstreamError);
+        }
+
+        loop {
+            match self.inbox.recv().await {
+                Some(ShadowMsg::Chunk(chunk)) => {
+                    let len = chunk.bytes().len() as u64;
+                    if let Err(e) = session.write_request_body(chunk.bytes().clone(), false).await {
+                        debug!("shadow body to {} failed: {e}", self.peer);
+                        return Outcome::Abandoned(UpstreamError);
+                    }
+                    // The chunk's bytes leave the queue account only now, once written.
+                    drop(chunk);
+                    self.mirror.metrics.bytes.inc_by(len);
+                }
+                Some(ShadowMsg::End) => break,
+                Some(ShadowMsg::Abandon(reason)) => {
+                    session.shutdown().await;
+                    return Outcome::Abandoned(reason);
+                }
+                None => {
+                    session.shutdown().await;
+                    return Outcome::Abandoned(PrimaryAborted);
+                }
+            }
+        }
+        if let Err(e) = session.finish_request_body().await {
+            debug!("shadow body end to {} failed: {e}", self.peer);
+            return Outcome::Abandoned(UpstreamError);
+        }
+
+        // Read the whole response so the connection can go back to the pool.
+        let status = loop {
+            if let Err(e) = session.read_response_header().await {
+                debug!("shadow response from {} unreadable: {e}", self.peer);
+                return Outcome::Abandoned(UpstreamError);
+            }
+            let Some(status) = session.response_header().map(|h| h.status) else {
+                return Outcome::Abandoned(UpstreamError);
+            };
+            // 1xx (e.g. 100 Continue) is interim: the final header follows.
+            if !status.is_informational() {
+                break status.as_u16();
+            }
+        };
+        loop {
+            match session.read_response_body().await {
+                Ok(Some(_discarded)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    debug!("shadow response body from {} failed: {e}", self.peer);
+                    return Outcome::Abandoned(UpstreamError);
+                }
+            }
+        }
+        connector
+            .release_http_session(session, &self.peer, self.peer.idle_timeout())
+            .await;
+        Outcome::Completed { status }
+    }
+}

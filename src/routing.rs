@@ -1,0 +1,135 @@
+//! The route table: picks the first route whose host, path prefix and method match a request.
+//! Routes are tried in configuration order; a request no route matches gets a 404 from the proxy.
+
+use http::Method;
+
+use crate::config::{HostPattern, MatchConfig};
+
+/// What a route requires of a request. Every part is optional; an empty matcher matches all.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    host: Option<HostPattern>,
+    path_prefix: Option<String>,
+    methods: Option<Vec<Method>>,
+}
+
+impl RouteMatch {
+    pub fn from_config(config: &MatchConfig) -> Self {
+        RouteMatch {
+            host: config.host.clone(),
+            path_prefix: config.path_prefix.clone(),
+            methods: config
+                .methods
+                .as_ref()
+                .map(|ms| ms.iter().map(|m| m.0.clone()).collect()),
+        }
+    }
+
+    /// `host` is the request's host name, lower case, without a port.
+    pub fn matches(&self, host: &str, path: &str, method: &Method) -> bool {
+        let host_ok = match &self.host {
+            None => true,
+            Some(HostPattern::Exact(name)) => host == name,
+            // `*.example.com` matches sub.example.com but not example.com itself.
+            Some(HostPattern::Suffix(suffix)) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+        };
+        host_ok
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|prefix| path.starts_with(prefix))
+            && self.methods.as_ref().is_none_or(|ms| ms.contains(method))
+    }
+}
+
+/// An ordered list of matchers, each with a payload (the route it stands for).
+#[derive(Debug)]
+pub struct Router<T> {
+    routes: Vec<(RouteMatch, T)>,
+}
+
+impl<T> Router<T> {
+    pub fn new(routes: Vec<(RouteMatch, T)>) -> Self {
+        Router { routes }
+    }
+
+    /// The first route that matches, in configuration order.
+    pub fn find(&self, host: &str, path: &str, method: &Method) -> Option<&T> {
+        self.routes
+            .iter()
+            .find(|(m, _)| m.matches(host, path, method))
+            .map(|(_, route)| route)
+    }
+}
+
+/// The host a request is for: the Host header (or HTTP/2 authority), lower case, port removed.
+pub fn request_host(header: &pingora_http::RequestHeader) -> String {
+    let raw = header
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| header.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    strip_port(raw).to_ascii_lowercase()
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // IPv6 literal: [::1]:8080
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(yaml: &str) -> RouteMatch {
+        RouteMatch::from_config(&serde_yaml::from_str(yaml).expect("valid match"))
+    }
+
+    #[test]
+    fn empty_match_matches_everything() {
+        assert!(matcher("{}").matches("any", "/x", &Method::DELETE));
+    }
+
+    #[test]
+    fn wildcard_host_matches_subdomains_only() {
+        let m = matcher("{ host: \"*.example.com\" }");
+        assert!(m.matches("api.example.com", "/", &Method::GET));
+        assert!(m.matches("a.b.example.com", "/", &Method::GET));
+        assert!(!m.matches("example.com", "/", &Method::GET));
+        assert!(!m.matches("badexample.com", "/", &Method::GET));
+    }
+
+    #[test]
+    fn prefix_and_methods_both_apply() {
+        let m = matcher("{ path_prefix: /api, methods: [GET, POST] }");
+        assert!(m.matches("h", "/api/users", &Method::POST));
+        assert!(!m.matches("h", "/web", &Method::GET));
+        assert!(!m.matches("h", "/api", &Method::DELETE));
+    }
+
+    #[test]
+    fn first_match_wins() {
+        let router = Router::new(vec![
+            (matcher("{ path_prefix: /api }"), "api"),
+            (matcher("{}"), "default"),
+        ]);
+        assert_eq!(router.find("h", "/api/x", &Method::GET), Some(&"api"));
+        assert_eq!(router.find("h", "/other", &Method::GET), Some(&"default"));
+    }
+
+    #[test]
+    fn host_port_is_stripped() {
+        assert_eq!(strip_port("Example.com:8080"), "Example.com");
+        assert_eq!(strip_port("[::1]:8080"), "::1");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}

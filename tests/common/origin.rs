@@ -1,0 +1,337 @@
+//! In-process origin servers on loopback: a recording HTTP origin (HTTP/1.1 and h2c) with
+//! configurable delays and health, and raw TCP origins that misbehave on purpose.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// One request as the origin saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+    pub body_sha256: String,
+    pub received_at: Instant,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// How a recording origin behaves.
+#[derive(Clone)]
+pub struct OriginOptions {
+    /// Put in the `x-origin` response header and the body, so tests see who answered.
+    pub name: String,
+    pub status: u16,
+    /// Wait this long after reading the request body before answering.
+    pub response_delay: Duration,
+    /// Wait this long before reading each body frame: a slow reader.
+    pub read_delay_per_frame: Duration,
+}
+
+impl OriginOptions {
+    pub fn named(name: &str) -> Self {
+        OriginOptions {
+            name: name.to_string(),
+            status: 200,
+            response_delay: Duration::ZERO,
+            read_delay_per_frame: Duration::ZERO,
+        }
+    }
+
+    pub fn response_delay(mut self, delay: Duration) -> Self {
+        self.response_delay = delay;
+        self
+    }
+
+    pub fn read_delay_per_frame(mut self, delay: Duration) -> Self {
+        self.read_delay_per_frame = delay;
+        self
+    }
+}
+
+struct Shared {
+    options: OriginOptions,
+    log: Mutex<Vec<Recorded>>,
+    arrived: Notify,
+    healthy: AtomicBool,
+}
+
+/// A recording origin: answers every request and keeps what it received.
+/// `GET /healthz` answers 200 or 503 (see `set_healthy`) and is not recorded.
+pub struct Origin {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start(options: OriginOptions) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        Self::serve(listener, options)
+    }
+
+    /// Start on a given address, e.g. to bring a stopped origin back on its port.
+    pub async fn start_on(addr: SocketAddr, options: OriginOptions) -> Origin {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => return Self::serve(listener, options),
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot bind origin on {addr}: {e}"),
+            }
+        }
+    }
+
+    fn serve(listener: TcpListener, options: OriginOptions) -> Origin {
+        let addr = listener.local_addr().expect("origin address");
+        let shared = Arc::new(Shared {
+            options,
+            log: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            healthy: AtomicBool::new(true),
+        });
+        let state = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, state.clone()));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Origin { addr, shared, task }
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.shared.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.log.lock().expect("origin log").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.shared.log.lock().expect("origin log").len()
+    }
+
+    /// Wait until at least `n` requests have arrived; panic after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.shared.arrived.notified();
+            let requests = self.requests();
+            if requests.len() >= n {
+                return requests;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "origin {} got {} requests, expected {n} within {timeout:?}",
+                    self.shared.options.name,
+                    requests.len()
+                );
+            }
+            let _ = tokio::time::timeout(left, notified).await;
+        }
+    }
+
+    /// Stop accepting; the port is closed once this returns.
+    pub async fn stop(mut self) -> SocketAddr {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        self.addr
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let options = &state.options;
+    if req.uri().path() == "/healthz" {
+        let status = if state.healthy.load(Ordering::SeqCst) { 200 } else { 503 };
+        return Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(b"health\n")))
+            .expect("response"));
+    }
+    let method = req.method().to_string();
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let headers = req.headers().clone();
+    let mut body = req.into_body();
+    let mut hasher = Sha256::new();
+    let mut body_len = 0u64;
+    loop {
+        if !options.read_delay_per_frame.is_zero() {
+            tokio::time::sleep(options.read_delay_per_frame).await;
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    hasher.update(data);
+                    body_len += data.len() as u64;
+                }
+            }
+            Some(Err(_)) => {
+                // A body that broke off is not a request we record.
+                return Ok(Response::builder()
+                    .status(400)
+                    .body(Full::new(Bytes::new()))
+                    .expect("response"));
+            }
+            None => break,
+        }
+    }
+    state.log.lock().expect("origin log").push(Recorded {
+        method: method.clone(),
+        uri: uri.clone(),
+        headers,
+        body_len,
+        body_sha256: hex(&hasher.finalize()),
+        received_at: Instant::now(),
+    });
+    state.arrived.notify_waiters();
+    if !options.response_delay.is_zero() {
+        tokio::time::sleep(options.response_delay).await;
+    }
+    let text = format!("{} {method} {uri} {body_len}\n", options.name);
+    Ok(Response::builder()
+        .status(options.status)
+        .header("x-origin", options.name.as_str())
+        .body(Full::new(Bytes::from(text)))
+        .expect("response"))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a body, as the recording origin reports it.
+pub fn sha256_hex(body: &[u8]) -> String {
+    hex(&Sha256::digest(body))
+}
+
+/// A loopback address where nothing listens: connects are refused.
+pub async fn refusing_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    drop(listener);
+    addr
+}
+
+/// How a raw origin misbehaves.
+#[derive(Clone, Copy, Debug)]
+pub enum Misbehavior {
+    /// Read this many bytes of the request, then reset the connection.
+    ResetAfter(usize),
+    /// Read the request header, then answer bytes that are not HTTP.
+    Garbage,
+}
+
+/// A TCP origin that breaks the protocol on purpose. Counts accepted connections.
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl RawOrigin {
+    pub async fn start(behavior: Misbehavior) -> RawOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    match behavior {
+                        Misbehavior::ResetAfter(limit) => {
+                            let mut seen = 0;
+                            while seen < limit {
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => seen += n,
+                                }
+                            }
+                            // Linger 0 turns the close into a reset.
+                            let _ = stream.set_zero_linger();
+                            drop(stream);
+                        }
+                        Misbehavior::Garbage => {
+                            let mut got = Vec::new();
+                            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            let _ = stream.write_all(b"this is not http at all\r\n\r\n").await;
+                            let _ = stream.shutdown().await;
+                        }
+                    }
+                });
+            }
+        });
+        RawOrigin {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
