@@ -722,9 +722,8 @@ fn validate_upstream(name: &str, upstream: &mut UpstreamConfig) -> Result<(), Co
     for (i, server) in upstream.servers.iter_mut().enumerate() {
         let here = format!("{at}.servers[{i}]");
         check_range(&format!("{here}.weight"), server.weight as u64, 1, 10_000)?;
-        server.resolved = resolve(&server.address).map_err(|why| {
-            ConfigError::new(format!("{here}.address"), why)
-        })?;
+        server.resolved = resolve(&server.address)
+            .map_err(|why| ConfigError::new(format!("{here}.address"), why))?;
     }
     match (upstream.selection, &upstream.hash_key) {
         (Selection::ConsistentHash, None) => {
@@ -894,9 +893,10 @@ fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
         return Ok(vec![addr]);
     }
     let hint = "write it as host:port, like \"127.0.0.1:9000\" or \"app.internal:9000\"";
-    if address.rsplit_once(':').is_none_or(|(host, port)| {
-        host.is_empty() || port.parse::<u16>().is_err()
-    }) {
+    if address
+        .rsplit_once(':')
+        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
         return Err(format!("cannot parse {address:?} as an address; {hint}"));
     }
     let addrs: Vec<SocketAddr> = address
@@ -1098,7 +1098,10 @@ routes:
     #[test]
     fn unknown_top_level_key_is_an_error() {
         let err = parse(&format!("{MINIMAL}\nlistener: []\n")).unwrap_err();
-        assert!(err.to_string().starts_with("listener: unknown key"), "{err}");
+        assert!(
+            err.to_string().starts_with("listener: unknown key"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1110,7 +1113,10 @@ routes:
 
     #[test]
     fn wrong_type_carries_path_and_line() {
-        let text = MINIMAL.replace("{ address: \"127.0.0.1:9000\" }", "{ address: \"127.0.0.1:9000\", weight: heavy }");
+        let text = MINIMAL.replace(
+            "{ address: \"127.0.0.1:9000\" }",
+            "{ address: \"127.0.0.1:9000\", weight: heavy }",
+        );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("upstreams.app.servers[0].weight"), "{err}");
         assert!(err.contains("line 4"), "{err}");

@@ -48,8 +48,11 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = ShadowGate::new(&config, &pools, &metrics, mirror_runtime, draining.clone());
 
-    let mut proxy_service =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "shadowgate proxy");
+    let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy,
+        "shadowgate proxy",
+    );
     for listener in &config.listeners {
         proxy_service.add_tcp(&listener.address.to_string());
         info!("listening on http://{}", listener.address);
@@ -90,7 +93,9 @@ impl ShutdownSignalWatch for DrainOnShutdown {
     async fn recv(&self) -> ShutdownSignal {
         let signal = UnixShutdownSignalWatch.recv().await;
         self.draining.store(true, Ordering::Relaxed);
-        info!("shutdown signal received ({signal:?}): closing keep-alive connections as responses finish");
+        info!(
+            "shutdown signal received ({signal:?}): closing keep-alive connections as responses finish"
+        );
         signal
     }
 }

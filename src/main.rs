@@ -13,7 +13,12 @@ use shadowgate::{Config, build_server};
 #[command(name = "shadowgate", version, about)]
 struct Cli {
     /// The configuration file: Pingora's server keys and shadowgate's sections.
-    #[arg(short, long, value_name = "FILE", default_value = "/etc/shadowgate/shadowgate.yaml")]
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = "/etc/shadowgate/shadowgate.yaml"
+    )]
     conf: PathBuf,
     /// Check the configuration, print the result and exit.
     #[arg(short, long)]
@@ -33,7 +38,10 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.conf) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("shadowgate: invalid configuration {}: {e}", cli.conf.display());
+            eprintln!(
+                "shadowgate: invalid configuration {}: {e}",
+                cli.conf.display()
+            );
             return ExitCode::from(2);
         }
     };

@@ -39,7 +39,11 @@ impl Metrics {
     pub fn global() -> Arc<Metrics> {
         static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
         METRICS
-            .get_or_init(|| Arc::new(Metrics::register(pingora_prometheus::prometheus::default_registry())))
+            .get_or_init(|| {
+                Arc::new(Metrics::register(
+                    pingora_prometheus::prometheus::default_registry(),
+                ))
+            })
             .clone()
     }
 
@@ -61,8 +65,8 @@ impl Metrics {
             h
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g =
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)
+                .expect("metric definition is valid");
             let _ = registry.register(Box::new(g.clone()));
             g
         };
@@ -155,10 +159,14 @@ impl Metrics {
         let labels = [route, mirror];
         MirrorMetrics {
             sampled: self.mirror_sampled.with_label_values(&labels),
-            completed: ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                .map(|class| self.mirror_completed.with_label_values(&[route, mirror, class])),
-            abandoned: AbandonReason::ALL
-                .map(|r| self.mirror_abandoned.with_label_values(&[route, mirror, r.as_str()])),
+            completed: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+                self.mirror_completed
+                    .with_label_values(&[route, mirror, class])
+            }),
+            abandoned: AbandonReason::ALL.map(|r| {
+                self.mirror_abandoned
+                    .with_label_values(&[route, mirror, r.as_str()])
+            }),
             bytes: self.mirror_bytes.with_label_values(&labels),
             duration: self.mirror_duration.with_label_values(&labels),
             in_flight: self.mirror_in_flight.with_label_values(&labels),

@@ -102,10 +102,7 @@ impl ShadowGate {
 
 fn log_route(route: &crate::config::RouteConfig, mirrors: &[Arc<Mirror>]) {
     if route.mirrors.is_empty() {
-        info!(
-            "route {}: -> {}, no mirror",
-            route.name, route.upstream
-        );
+        info!("route {}: -> {}, no mirror", route.name, route.upstream);
         return;
     }
     let described: Vec<String> = route
@@ -181,22 +178,38 @@ impl ProxyHttp for ShadowGate {
         }
         let req = session.req_header();
         let host = request_host(req);
-        let Some(route) = self.router.find(&host, req.uri.path(), &req.method).cloned() else {
+        let Some(route) = self
+            .router
+            .find(&host, req.uri.path(), &req.method)
+            .cloned()
+        else {
             session
-                .respond_error_with_body(404, Bytes::from_static(b"no route matches this request\n"))
+                .respond_error_with_body(
+                    404,
+                    Bytes::from_static(b"no route matches this request\n"),
+                )
                 .await?;
             return Ok(true);
         };
         if !route.mirrors.is_empty() {
             let body_empty = session.as_mut().is_body_empty();
             let body = RequestBody::of(session.req_header(), body_empty);
-            ctx.tee = MirrorTee::start(&route.mirrors, session.req_header(), client_ip(session), body);
+            ctx.tee = MirrorTee::start(
+                &route.mirrors,
+                session.req_header(),
+                client_ip(session),
+                body,
+            );
         }
         ctx.route = Some(route);
         Ok(false)
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let Some(route) = &ctx.route else {
             return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
         };
@@ -256,7 +269,12 @@ impl ProxyHttp for ShadowGate {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = error_status(e);
         if code > 0 {
             let _ = session.respond_error(code).await;

@@ -16,7 +16,9 @@ use pingora_http::RequestHeader;
 use pingora_load_balancing::health_check::{
     HealthCheck, HealthObserve, HttpHealthCheck, TcpHealthCheck,
 };
-use pingora_load_balancing::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
+use pingora_load_balancing::selection::{
+    BackendIter, BackendSelection, Consistent, Random, RoundRobin,
+};
 use pingora_load_balancing::{Backend, Backends, LoadBalancer, discovery};
 
 use crate::config::{

@@ -38,16 +38,33 @@ routes:
             .send()
     };
 
-    let resp = send(reqwest::Method::GET, "api.example.com", "/static/x").await.unwrap();
-    assert_eq!(resp.headers()["x-origin"], "by-host", "host route comes first");
-    let resp = send(reqwest::Method::GET, "example.com", "/static/x").await.unwrap();
-    assert_eq!(resp.headers()["x-origin"], "by-path", "apex is not *.example.com");
+    let resp = send(reqwest::Method::GET, "api.example.com", "/static/x")
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["x-origin"],
+        "by-host",
+        "host route comes first"
+    );
+    let resp = send(reqwest::Method::GET, "example.com", "/static/x")
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["x-origin"],
+        "by-path",
+        "apex is not *.example.com"
+    );
     let resp = send(reqwest::Method::DELETE, "other", "/x").await.unwrap();
     assert_eq!(resp.headers()["x-origin"], "by-method");
     let resp = send(reqwest::Method::GET, "other", "/x").await.unwrap();
     assert_eq!(resp.status(), 404, "no route matches GET /x on host other");
 
-    let requests = proxy.metric("shadowgate_requests_total", &[("route", "no_route"), ("status", "404")]).await;
+    let requests = proxy
+        .metric(
+            "shadowgate_requests_total",
+            &[("route", "no_route"), ("status", "404")],
+        )
+        .await;
     assert_eq!(requests, 1.0);
 }
 
@@ -148,10 +165,17 @@ async fn consistent_hash_keeps_each_key_on_one_server() {
     let mut servers_used = std::collections::HashSet::new();
     for user in 0..30 {
         let counts = spread(&proxy, 4, Some(("x-user", format!("user-{user}")))).await;
-        assert_eq!(counts.len(), 1, "user-{user} moved between servers: {counts:?}");
+        assert_eq!(
+            counts.len(),
+            1,
+            "user-{user} moved between servers: {counts:?}"
+        );
         servers_used.extend(counts.into_keys());
     }
-    assert!(servers_used.len() >= 2, "30 keys all hashed to {servers_used:?}");
+    assert!(
+        servers_used.len() >= 2,
+        "30 keys all hashed to {servers_used:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,17 +195,35 @@ async fn http_health_check_ejects_a_failing_server_and_readmits_it() {
 
     a.set_healthy(false);
     proxy
-        .wait_for_metric("shadowgate_upstream_server_healthy", &a_health, |v| v == 0.0, WAIT)
+        .wait_for_metric(
+            "shadowgate_upstream_server_healthy",
+            &a_health,
+            |v| v == 0.0,
+            WAIT,
+        )
         .await;
     let counts = spread(&proxy, 20, None).await;
-    assert_eq!(counts.get("b"), Some(&20), "an unhealthy server got traffic: {counts:?}");
+    assert_eq!(
+        counts.get("b"),
+        Some(&20),
+        "an unhealthy server got traffic: {counts:?}"
+    );
 
     a.set_healthy(true);
     proxy
-        .wait_for_metric("shadowgate_upstream_server_healthy", &a_health, |v| v == 1.0, WAIT)
+        .wait_for_metric(
+            "shadowgate_upstream_server_healthy",
+            &a_health,
+            |v| v == 1.0,
+            WAIT,
+        )
         .await;
     let counts = spread(&proxy, 20, None).await;
-    assert_eq!(counts.get("a"), Some(&10), "a recovered server gets its share: {counts:?}");
+    assert_eq!(
+        counts.get("a"),
+        Some(&10),
+        "a recovered server gets its share: {counts:?}"
+    );
     proxy.wait_for_log("is healthy again", WAIT).await;
 }
 
@@ -202,14 +244,24 @@ async fn tcp_health_check_follows_a_server_that_goes_away_and_returns() {
 
     let a_addr = a.stop().await;
     proxy
-        .wait_for_metric("shadowgate_upstream_server_healthy", &a_health, |v| v == 0.0, WAIT)
+        .wait_for_metric(
+            "shadowgate_upstream_server_healthy",
+            &a_health,
+            |v| v == 0.0,
+            WAIT,
+        )
         .await;
     let counts = spread(&proxy, 10, None).await;
     assert_eq!(counts.get("b"), Some(&10), "{counts:?}");
 
     let _a = Origin::start_on(a_addr, OriginOptions::named("a")).await;
     proxy
-        .wait_for_metric("shadowgate_upstream_server_healthy", &a_health, |v| v == 1.0, WAIT)
+        .wait_for_metric(
+            "shadowgate_upstream_server_healthy",
+            &a_health,
+            |v| v == 1.0,
+            WAIT,
+        )
         .await;
     let counts = spread(&proxy, 10, None).await;
     assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
@@ -250,7 +302,9 @@ async fn no_healthy_server_is_a_502() {
         .await;
     let (status, _, _) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 502);
-    proxy.wait_for_log("no healthy server in upstream app", WAIT).await;
+    proxy
+        .wait_for_log("no healthy server in upstream app", WAIT)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +321,8 @@ async fn connect_failures_past_the_retries_are_a_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_read_timeout_is_a_504() {
-    let slow = Origin::start(OriginOptions::named("slow").response_delay(Duration::from_secs(3))).await;
+    let slow =
+        Origin::start(OriginOptions::named("slow").response_delay(Duration::from_secs(3))).await;
     let proxy = Proxy::start(&format!(
         "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
         pool("app", &[slow.addr], "    read_timeout_ms: 300\n")
@@ -275,7 +330,12 @@ async fn an_upstream_read_timeout_is_a_504() {
     .await;
     let (status, _, _) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 504);
-    let timeouts = proxy.metric("shadowgate_requests_total", &[("route", "all"), ("status", "504")]).await;
+    let timeouts = proxy
+        .metric(
+            "shadowgate_requests_total",
+            &[("route", "all"), ("status", "504")],
+        )
+        .await;
     assert_eq!(timeouts, 1.0);
 }
 
@@ -287,7 +347,11 @@ async fn a_malformed_request_gets_400() {
         pool("app", &[origin.addr], "")
     ))
     .await;
-    let answer = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n").await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(origin.count(), 0);
 }

@@ -65,16 +65,19 @@ impl QueueAccount {
         }
     }
 
-    /// Admit a chunk to this queue, or say which limit it would break.
+    /// Admit a chunk to this queue, or say which limit it would break. The
+    /// process budget is checked first: when both would overflow, memory
+    /// pressure is the cause worth reporting.
     pub fn admit(self: &Arc<Self>, bytes: Bytes) -> Result<QueuedChunk, AbandonReason> {
         let n = bytes.len() as u64;
+        if !self.budget.try_take(n) {
+            return Err(AbandonReason::MemoryBudget);
+        }
         // Only the primary's task admits to a given queue, so load-then-add cannot race
         // with another admit; the shadow only ever lowers `queued`.
         if self.queued.load(Ordering::Acquire) + n > self.limit {
+            self.budget.give_back(n);
             return Err(AbandonReason::QueueFull);
-        }
-        if !self.budget.try_take(n) {
-            return Err(AbandonReason::MemoryBudget);
         }
         self.queued.fetch_add(n, Ordering::AcqRel);
         Ok(QueuedChunk {

@@ -22,7 +22,7 @@ use crate::request;
 use crate::upstream::Pool;
 use budget::{ByteBudget, QueueAccount};
 use sampler::Sampler;
-use shadow::{ShadowMsg, ShadowSession};
+use shadow::{AbortSignal, ShadowMsg, ShadowSession};
 
 /// Why a request was not mirrored, or why a shadow request was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +214,7 @@ impl Mirror {
         let peer = self.pool.peer(addr);
 
         let (tx, rx) = mpsc::unbounded_channel();
+        let abort = Arc::new(AbortSignal::default());
         let account = Arc::new(QueueAccount::new(
             self.queue_bytes,
             self.runtime.budget.clone(),
@@ -222,6 +223,7 @@ impl Mirror {
             header: self.shadow_header(req, client_ip),
             peer,
             inbox: rx,
+            abort: abort.clone(),
             mirror: self.clone(),
             _permit: permit,
         };
@@ -229,6 +231,7 @@ impl Mirror {
         let mut tap = Tap {
             mirror: self.clone(),
             tx,
+            abort,
             account,
             delivered: 0,
             open: true,
@@ -310,6 +313,7 @@ impl RequestBody {
 struct Tap {
     mirror: Arc<Mirror>,
     tx: mpsc::UnboundedSender<ShadowMsg>,
+    abort: Arc<AbortSignal>,
     account: Arc<QueueAccount>,
     /// Body bytes already handed to the shadow, counted from the start of the body.
     delivered: u64,
@@ -339,10 +343,11 @@ impl Tap {
         self.open = false;
     }
 
+    /// Stop the shadow now, even mid-write: it closes its connection, drops its
+    /// queued chunks (returning their bytes) and counts `reason`. A shadow that
+    /// already ended has counted its own outcome and ignores this.
     fn abandon(&mut self, reason: AbandonReason) {
-        // The shadow counts the reason when it reads this; if it has already
-        // gone, it counted its own.
-        let _ = self.tx.send(ShadowMsg::Abandon(reason));
+        self.abort.trigger(reason);
         self.open = false;
     }
 }
@@ -399,18 +404,18 @@ impl MirrorTee {
         let len = chunk.map_or(0, |c| c.len() as u64);
         self.attempt_offset += len;
         for tap in self.taps.iter_mut().filter(|t| t.open) {
-            if let Some(chunk) = chunk
-                && start + len > tap.delivered
-            {
-                if tap.delivered < start {
-                    // A gap would corrupt the shadow's body; this cannot happen
-                    // while every chunk passes here, but never risk it.
-                    warn!("mirror tee lost track of the body offset; abandoning shadow");
-                    tap.abandon(AbandonReason::UpstreamError);
-                    continue;
+            if let Some(chunk) = chunk {
+                match unsent_part(chunk, start, tap.delivered) {
+                    Ok(Some(piece)) => tap.offer(piece),
+                    Ok(None) => {}
+                    Err(BodyGap) => {
+                        // Cannot happen while every chunk passes here, but a gap
+                        // would corrupt the shadow's body: never risk it.
+                        warn!("mirror tee lost track of the body offset; abandoning shadow");
+                        tap.abandon(AbandonReason::UpstreamError);
+                        continue;
+                    }
                 }
-                let skip = (tap.delivered - start) as usize;
-                tap.offer(chunk.slice(skip..));
             }
             if end_of_stream && tap.open && tap.delivered == self.attempt_offset {
                 tap.end();
@@ -418,9 +423,77 @@ impl MirrorTee {
         }
     }
 
-    /// The primary is done. A shadow still waiting for body never gets the rest:
-    /// closing its queue makes it drop the connection instead of finishing the body.
+    /// The primary is done. A shadow still waiting for body never gets the rest,
+    /// so it drops its connection instead of finishing the body.
     pub fn finish(&mut self) {
+        for tap in self.taps.iter_mut().filter(|t| t.open) {
+            tap.abandon(AbandonReason::PrimaryAborted);
+        }
         self.taps.clear();
+    }
+}
+
+/// A chunk starts past the bytes a shadow has: the bytes between were never seen.
+#[derive(Debug, PartialEq, Eq)]
+struct BodyGap;
+
+/// The part of `chunk` (at body offset `start`) that a shadow holding the first
+/// `delivered` body bytes still lacks. A slice shares the buffer: no copy.
+fn unsent_part(chunk: &Bytes, start: u64, delivered: u64) -> Result<Option<Bytes>, BodyGap> {
+    let end = start + chunk.len() as u64;
+    if chunk.is_empty() || end <= delivered {
+        return Ok(None);
+    }
+    if delivered < start {
+        return Err(BodyGap);
+    }
+    Ok(Some(chunk.slice((delivered - start) as usize..)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_bytes_pass_whole() {
+        let chunk = Bytes::from_static(b"abcdef");
+        assert_eq!(unsent_part(&chunk, 10, 10), Ok(Some(chunk.clone())));
+    }
+
+    #[test]
+    fn a_replayed_retry_buffer_sends_only_the_new_tail() {
+        // The shadow has 4 bytes; a retry replays the first 6 as one chunk.
+        let replay = Bytes::from_static(b"abcdef");
+        let tail = unsent_part(&replay, 0, 4).unwrap().unwrap();
+        assert_eq!(&tail[..], b"ef");
+        // The slice shares the replayed buffer rather than copying it.
+        assert_eq!(tail.as_ptr(), replay[4..].as_ptr());
+    }
+
+    #[test]
+    fn bytes_the_shadow_has_are_skipped() {
+        let replay = Bytes::from_static(b"abcdef");
+        assert_eq!(unsent_part(&replay, 0, 6), Ok(None));
+        assert_eq!(unsent_part(&replay, 0, 100), Ok(None));
+    }
+
+    #[test]
+    fn empty_chunks_are_never_forwarded() {
+        assert_eq!(unsent_part(&Bytes::new(), 0, 0), Ok(None));
+    }
+
+    #[test]
+    fn a_gap_is_refused() {
+        assert_eq!(unsent_part(&Bytes::from_static(b"xy"), 8, 4), Err(BodyGap));
+    }
+
+    #[test]
+    fn body_kind_comes_from_the_header() {
+        let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+        assert_eq!(RequestBody::of(&req, true), RequestBody::Empty);
+        req.insert_header("content-length", "12").unwrap();
+        assert_eq!(RequestBody::of(&req, false), RequestBody::Length(12));
+        req.insert_header("transfer-encoding", "chunked").unwrap();
+        assert_eq!(RequestBody::of(&req, false), RequestBody::Streamed);
     }
 }

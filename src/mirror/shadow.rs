@@ -2,12 +2,13 @@
 //! It streams body chunks as the primary hands them over, reads and discards the response, and records the outcome.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use log::debug;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
 
 use super::budget::QueuedChunk;
 use super::{AbandonReason, Mirror};
@@ -18,8 +19,39 @@ pub enum ShadowMsg {
     Chunk(QueuedChunk),
     /// The body is complete.
     End,
-    /// Give up: close the connection without finishing the body.
-    Abandon(AbandonReason),
+}
+
+/// Lets the primary stop a shadow at once, even while the shadow is blocked
+/// writing to a slow upstream, so its queued bytes are returned without delay.
+#[derive(Default)]
+pub(super) struct AbortSignal {
+    /// 0 while running, else 1 + the reason's index.
+    reason: AtomicUsize,
+    notify: Notify,
+}
+
+impl AbortSignal {
+    pub fn trigger(&self, reason: AbandonReason) {
+        let code = reason as usize + 1;
+        if self
+            .reason
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // notify_one keeps a permit if the shadow is not waiting yet.
+            self.notify.notify_one();
+        }
+    }
+
+    async fn triggered(&self) -> AbandonReason {
+        loop {
+            let code = self.reason.load(Ordering::Acquire);
+            if code > 0 {
+                return AbandonReason::ALL[code - 1];
+            }
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// How one shadow exchange ended.
@@ -33,6 +65,7 @@ pub(super) struct ShadowSession {
     pub header: RequestHeader,
     pub peer: HttpPeer,
     pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
+    pub abort: Arc<AbortSignal>,
     pub mirror: Arc<Mirror>,
     /// Held for the life of the session: it is this request's place under `max_in_flight`.
     pub _permit: OwnedSemaphorePermit,
@@ -40,16 +73,25 @@ pub(super) struct ShadowSession {
 
 impl ShadowSession {
     /// Run the exchange within the mirror's timeout and record how it ended.
+    ///
+    /// A timeout or an abort drops the exchange, and with it the connection: a
+    /// half-sent body is closed, never finished.
     pub async fn run(mut self) {
         let mirror = self.mirror.clone();
+        let abort = self.abort.clone();
         let started = Instant::now();
         mirror.metrics.in_flight.inc();
-        let outcome = match tokio::time::timeout(mirror.timeout, self.exchange()).await {
-            Ok(outcome) => outcome,
-            // Dropping the exchange drops its connection: a half-sent body is
-            // closed, never finished.
-            Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
+        let outcome = tokio::select! {
+            biased;
+            reason = abort.triggered() => Outcome::Abandoned(reason),
+            result = tokio::time::timeout(mirror.timeout, self.exchange()) => match result {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
+            },
         };
+        // Return the bytes of chunks that will never be sent.
+        self.inbox.close();
+        while self.inbox.try_recv().is_ok() {}
         mirror.metrics.in_flight.dec();
         let method = self.header.method.as_str();
         let path = self.header.uri.path();
@@ -103,7 +145,10 @@ impl ShadowSession {
             match self.inbox.recv().await {
                 Some(ShadowMsg::Chunk(chunk)) => {
                     let len = chunk.bytes().len() as u64;
-                    if let Err(e) = session.write_request_body(chunk.bytes().clone(), false).await {
+                    if let Err(e) = session
+                        .write_request_body(chunk.bytes().clone(), false)
+                        .await
+                    {
                         debug!("shadow body to {} failed: {e}", self.peer);
                         return Outcome::Abandoned(UpstreamError);
                     }
@@ -112,10 +157,6 @@ impl ShadowSession {
                     self.mirror.metrics.bytes.inc_by(len);
                 }
                 Some(ShadowMsg::End) => break,
-                Some(ShadowMsg::Abandon(reason)) => {
-                    session.shutdown().await;
-                    return Outcome::Abandoned(reason);
-                }
                 None => {
                     session.shutdown().await;
                     return Outcome::Abandoned(PrimaryAborted);

@@ -11,7 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[allow(unused_imports)]
-pub use origin::{Misbehavior, Origin, OriginOptions, RawOrigin, Recorded, refusing_address, sha256_hex};
+pub use origin::{
+    Misbehavior, Origin, OriginOptions, RawOrigin, Recorded, refusing_address, sha256_hex,
+};
 pub use proxy::Proxy;
 
 /// Upper bound for any single wait in a test.

@@ -186,7 +186,11 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let options = &state.options;
     if req.uri().path() == "/healthz" {
-        let status = if state.healthy.load(Ordering::SeqCst) { 200 } else { 503 };
+        let status = if state.healthy.load(Ordering::SeqCst) {
+            200
+        } else {
+            503
+        };
         return Ok(Response::builder()
             .status(status)
             .body(Full::new(Bytes::from_static(b"health\n")))
@@ -267,12 +271,20 @@ pub enum Misbehavior {
     ResetAfter(usize),
     /// Read the request header, then answer bytes that are not HTTP.
     Garbage,
+    /// Accept, then never read: writes to it stall once the socket buffers fill.
+    Stall,
+    /// A keep-alive origin (Content-Length bodies only) that, on its first
+    /// connection, resets in the middle of the second request's body; every other
+    /// request is answered `200 ok`. A proxy's reused connection failing mid-body.
+    ResetReusedMidBody,
 }
 
 /// A TCP origin that breaks the protocol on purpose. Counts accepted connections.
 pub struct RawOrigin {
     pub addr: SocketAddr,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bodies of requests answered by `ResetReusedMidBody`.
+    answered: Arc<Mutex<Vec<Vec<u8>>>>,
     task: JoinHandle<()>,
 }
 
@@ -281,13 +293,16 @@ impl RawOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answered = Arc::new(Mutex::new(Vec::new()));
         let counter = accepted.clone();
+        let log = answered.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     continue;
                 };
-                counter.fetch_add(1, Ordering::SeqCst);
+                let index = counter.fetch_add(1, Ordering::SeqCst);
+                let log = log.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 16 * 1024];
                     match behavior {
@@ -314,6 +329,14 @@ impl RawOrigin {
                             let _ = stream.write_all(b"this is not http at all\r\n\r\n").await;
                             let _ = stream.shutdown().await;
                         }
+                        Misbehavior::ResetReusedMidBody => {
+                            serve_keep_alive(stream, index == 0, log).await;
+                        }
+                        Misbehavior::Stall => {
+                            // Hold the connection open, unread, until the peer gives up.
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            drop(stream);
+                        }
                     }
                 });
             }
@@ -321,12 +344,72 @@ impl RawOrigin {
         RawOrigin {
             addr,
             accepted,
+            answered,
             task,
         }
     }
 
     pub fn connections(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Bodies of the requests answered so far.
+    pub fn answered(&self) -> Vec<Vec<u8>> {
+        self.answered.lock().expect("answered log").clone()
+    }
+}
+
+/// Minimal HTTP/1.1 keep-alive server for Content-Length bodies.
+async fn serve_keep_alive(
+    mut stream: tokio::net::TcpStream,
+    reset_second_request: bool,
+    log: Arc<Mutex<Vec<Vec<u8>>>>,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    for request_index in 0.. {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if reset_second_request && request_index == 1 {
+            // Wait for part of the body, then reset mid-body.
+            while buf.len() <= head_end && length > 0 {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = stream.set_zero_linger();
+            return;
+        }
+        while buf.len() < head_end + length {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = buf[head_end..head_end + length].to_vec();
+        buf.drain(..head_end + length);
+        log.lock().expect("answered log").push(body);
+        if stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }
 

@@ -21,7 +21,8 @@ pub fn free_port() -> SocketAddr {
 pub fn private_dir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod 700");
     dir
 }
 
@@ -86,7 +87,10 @@ impl Proxy {
                     break;
                 }
                 if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!("shadowgate exited with {status} before listening:\n{}", self.log());
+                    panic!(
+                        "shadowgate exited with {status} before listening:\n{}",
+                        self.log()
+                    );
                 }
                 assert!(
                     Instant::now() < deadline,
