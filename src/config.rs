@@ -526,6 +526,10 @@ impl FromStr for Config {
         } else {
             serde_yaml::from_str(text).map_err(ConfigError::from_yaml)?
         };
+        // Pingora's own checks of its keys.
+        let server = server
+            .validate()
+            .map_err(|e| ConfigError::new("", e.to_string()))?;
         let sections: Sections = if mapping.is_empty() {
             serde_yaml::from_str("{}").map_err(ConfigError::from_yaml)?
         } else {
@@ -719,11 +723,22 @@ fn validate_upstream(name: &str, upstream: &mut UpstreamConfig) -> Result<(), Co
             "the pool has no servers; list at least one `{ address: \"127.0.0.1:9000\" }`",
         ));
     }
+    let mut seen = HashSet::new();
     for (i, server) in upstream.servers.iter_mut().enumerate() {
         let here = format!("{at}.servers[{i}]");
         check_range(&format!("{here}.weight"), server.weight as u64, 1, 10_000)?;
         server.resolved = resolve(&server.address)
             .map_err(|why| ConfigError::new(format!("{here}.address"), why))?;
+        for addr in &server.resolved {
+            if !seen.insert(*addr) {
+                return Err(ConfigError::new(
+                    format!("{here}.address"),
+                    format!(
+                        "{addr} is already in this pool; list each server once and use weight for a larger share"
+                    ),
+                ));
+            }
+        }
     }
     match (upstream.selection, &upstream.hash_key) {
         (Selection::ConsistentHash, None) => {
@@ -1120,6 +1135,16 @@ routes:
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("upstreams.app.servers[0].weight"), "{err}");
         assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn a_server_listed_twice_is_an_error() {
+        let text = MINIMAL.replace(
+            "servers: [{ address: \"127.0.0.1:9000\" }]",
+            "servers: [{ address: \"127.0.0.1:9000\" }, { address: \"127.0.0.1:9000\" }]",
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.path, "upstreams.app.servers[1].address");
     }
 
     #[test]

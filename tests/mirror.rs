@@ -1154,3 +1154,27 @@ async fn logs_say_what_each_route_mirrors_and_how_each_shadow_ended() {
     let outcome = proxy.wait_for_log("shadow answered 200", WAIT).await;
     assert!(outcome.contains("mirror api -> shadow GET /"), "{outcome}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_options_requests_complete_at_the_shadow() {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start(&mirrored(
+        &[primary.addr],
+        &[shadow.addr],
+        "percentage: 100\ntimeout_ms: 2000",
+    ))
+    .await;
+    let client = client();
+    let resp = client.head(proxy.url("/h")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = client
+        .request(reqwest::Method::OPTIONS, proxy.url("/o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // A HEAD response has no body even with a Content-Length: reading must not wait for one.
+    wait_completed(&proxy, 2.0).await;
+    assert_eq!(abandoned(&proxy, "timeout").await, 0.0);
+}
