@@ -31,6 +31,18 @@ fn mirrored_with(
     )
 }
 
+/// Plain recording origins `primary` and `shadow` behind route `api` mirroring with `mirror` settings.
+async fn mirror_setup(mirror: &str) -> (Proxy, Origin, Origin) {
+    mirror_setup_with(OriginOptions::named("shadow"), mirror).await
+}
+
+async fn mirror_setup_with(shadow: OriginOptions, mirror: &str) -> (Proxy, Origin, Origin) {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(shadow).await;
+    let proxy = Proxy::start(&mirrored(&[primary.addr], &[shadow.addr], mirror)).await;
+    (proxy, primary, shadow)
+}
+
 fn indent(text: &str, by: usize) -> String {
     text.lines()
         .map(|l| format!("{}{l}", " ".repeat(by)))
@@ -182,9 +194,7 @@ async fn counter_mirrors_exactly_p_of_every_hundred_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counter_spreads_mirrored_requests_evenly() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(&[primary.addr], &[shadow.addr], "percentage: 25")).await;
+    let (proxy, _primary, shadow) = mirror_setup("percentage: 25").await;
     let client = client();
     for i in 0..100 {
         get(&client, &proxy.url(&format!("/seq/{i}"))).await;
@@ -414,14 +424,7 @@ async fn chunked_body_split_across_many_reads_is_mirrored_intact() {
     // Chunk-size lines torn across TCP writes make Pingora hand the body filter
     // empty chunks between real ones; forwarded, an empty chunk would end the
     // shadow's body early.
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 100\nmethods: [POST]",
-    ))
-    .await;
+    let (proxy, primary, shadow) = mirror_setup("percentage: 100\nmethods: [POST]").await;
     let pieces: Vec<Vec<u8>> = (0..40).map(|i| body_of(100 + i * 37)).collect();
     let whole: Vec<u8> = pieces.concat();
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
@@ -464,14 +467,8 @@ async fn chunked_body_split_across_many_reads_is_mirrored_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_upload_is_mirrored_without_the_expectation() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 100\nmethods: [PUT]\nqueue_bytes: 16777216",
-    ))
-    .await;
+    let (proxy, primary, shadow) =
+        mirror_setup("percentage: 100\nmethods: [PUT]\nqueue_bytes: 16777216").await;
     let data = body_of(2 * 1024 * 1024);
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     let head = format!(
@@ -546,7 +543,7 @@ async fn a_primary_retried_mid_body_replays_nothing_to_the_shadow() {
     // The primary's reused connection resets halfway through the body; Pingora
     // retries on a new connection and replays the bytes it has through the body
     // filter. The shadow must still get each byte exactly once.
-    let primary = RawOrigin::start(Misbehavior::ResetReusedMidBody).await;
+    let primary = RawOrigin::start(Misbehavior::ResetReusedMidBody(5_000)).await;
     let shadow = Origin::start(OriginOptions::named("shadow")).await;
     let proxy = Proxy::start(&mirrored(
         &[primary.addr],
@@ -779,14 +776,10 @@ async fn a_shadow_that_answers_garbage_is_counted_and_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_past_its_timeout_is_abandoned() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow =
-        Origin::start(OriginOptions::named("shadow").response_delay(Duration::from_secs(5))).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
+    let (proxy, _primary, _shadow) = mirror_setup_with(
+        OriginOptions::named("shadow").response_delay(Duration::from_secs(5)),
         "percentage: 100\ntimeout_ms: 300",
-    ))
+    )
     .await;
     let (status, _, _) = get(&client(), &proxy.url("/t")).await;
     assert_eq!(status, 200);
@@ -794,46 +787,20 @@ async fn a_shadow_past_its_timeout_is_abandoned() {
     wait_idle(&proxy).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_abandons_the_shadow_not_the_upload() {
+/// Upload 48 MiB (more than the loopback socket buffers hold) while the shadow
+/// reads nothing: the shadow must be abandoned for `reason`, the upload must not
+/// notice, and every queued byte must come back.
+async fn upload_to_a_stalled_shadow(mirror_budget_bytes: u64, queue_bytes: u64, reason: &str) {
     let primary = Origin::start(OriginOptions::named("primary")).await;
     let stalled = RawOrigin::start(Misbehavior::Stall).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[stalled.addr],
-        "percentage: 100\nmethods: [POST]\nqueue_bytes: 65536\nmax_body_bytes: 1073741824\ntimeout_ms: 60000",
-    ))
-    .await;
-    // Larger than the loopback socket buffers, so the stalled shadow's queue must fill.
-    let data = body_of(48 * 1024 * 1024);
-    let resp = post(
-        &client(),
-        &proxy.url("/big"),
-        chunked(data.clone(), 64 * 1024),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(primary.requests()[0].body_sha256, sha256_hex(&data));
-    wait_abandoned(&proxy, "queue_full", 1.0).await;
-    wait_idle(&proxy).await;
-    assert_eq!(
-        proxy.metric("shadowgate_mirror_queued_bytes", &[]).await,
-        0.0,
-        "queued bytes returned"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_process_memory_budget_bounds_all_queues_together() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let stalled = RawOrigin::start(Misbehavior::Stall).await;
-    // The budget equals the queue size: the process limit is reached first.
     let mut config = mirrored(
         &[primary.addr],
         &[stalled.addr],
-        "percentage: 100\nmethods: [POST]\nqueue_bytes: 131072\nmax_body_bytes: 1073741824\ntimeout_ms: 60000",
+        &format!(
+            "percentage: 100\nmethods: [POST]\nqueue_bytes: {queue_bytes}\nmax_body_bytes: 1073741824\ntimeout_ms: 60000"
+        ),
     );
-    config += "mirror_budget_bytes: 131072\n";
+    config += &format!("mirror_budget_bytes: {mirror_budget_bytes}\n");
     let proxy = Proxy::start(&config).await;
     let data = body_of(48 * 1024 * 1024);
     let resp = post(
@@ -844,24 +811,29 @@ async fn the_process_memory_budget_bounds_all_queues_together() {
     .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(primary.requests()[0].body_sha256, sha256_hex(&data));
-    wait_abandoned(&proxy, "memory_budget", 1.0).await;
+    wait_abandoned(&proxy, reason, 1.0).await;
     wait_idle(&proxy).await;
-    assert_eq!(
-        proxy.metric("shadowgate_mirror_queued_bytes", &[]).await,
-        0.0
-    );
+    let queued = proxy.metric("shadowgate_mirror_queued_bytes", &[]).await;
+    assert_eq!(queued, 0.0, "queued bytes returned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_abandons_the_shadow_not_the_upload() {
+    upload_to_a_stalled_shadow(64 * 1024 * 1024, 64 * 1024, "queue_full").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_memory_budget_bounds_all_queues_together() {
+    // The budget equals the queue size: the process limit is reached first.
+    upload_to_a_stalled_shadow(128 * 1024, 128 * 1024, "memory_budget").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_in_flight_caps_concurrent_shadows() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow =
-        Origin::start(OriginOptions::named("shadow").response_delay(Duration::from_secs(3))).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
+    let (proxy, _primary, shadow) = mirror_setup_with(
+        OriginOptions::named("shadow").response_delay(Duration::from_secs(3)),
         "percentage: 100\nmax_in_flight: 2\ntimeout_ms: 10000",
-    ))
+    )
     .await;
     let client = client();
     for i in 0..5 {
@@ -876,14 +848,8 @@ async fn max_in_flight_caps_concurrent_shadows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_max_body_bytes_are_never_sent_whole() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 100\nmethods: [POST]\nmax_body_bytes: 100000",
-    ))
-    .await;
+    let (proxy, primary, shadow) =
+        mirror_setup("percentage: 100\nmethods: [POST]\nmax_body_bytes: 100000").await;
     let client = client();
     let data = body_of(300_000);
     // Known length: skipped up front. Chunked: abandoned once it passes the limit.
@@ -914,14 +880,7 @@ async fn bodies_over_max_body_bytes_are_never_sent_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_aborts_its_upload_aborts_the_shadow_too() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 100\nmethods: [POST]",
-    ))
-    .await;
+    let (proxy, _primary, shadow) = mirror_setup("percentage: 100\nmethods: [POST]").await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"POST /partial HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
@@ -951,18 +910,14 @@ async fn a_client_that_aborts_its_upload_aborts_the_shadow_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_request_carries_the_original_with_edits_and_the_marker() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
+    let (proxy, primary, shadow) = mirror_setup(
         "percentage: 100
 methods: [PATCH]
 request_headers:
   set: { x-env: shadow }
   remove: [authorization, cookie]
 host: app-v2.internal",
-    ))
+    )
     .await;
     client()
         .patch(proxy.url("/users/7?fields=name&x=%20"))
@@ -995,14 +950,7 @@ host: app-v2.internal",
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_marker_header_can_be_turned_off() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 100\nmark_header: false",
-    ))
-    .await;
+    let (proxy, _primary, shadow) = mirror_setup("percentage: 100\nmark_header: false").await;
     get(&client(), &proxy.url("/")).await;
     let at_shadow = &shadow.wait_for(1, WAIT).await[0];
     assert_eq!(at_shadow.header("x-shadowgate-mirror"), None);
@@ -1068,14 +1016,7 @@ impl RawCountingOrigin {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_add_up_after_a_known_sequence() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 50\nmethods: [PUT]",
-    ))
-    .await;
+    let (proxy, _primary, _shadow) = mirror_setup("percentage: 50\nmethods: [PUT]").await;
     let client = client();
     // 8 PUTs of 1000 bytes (4 mirrored by the 50% counter), 3 GETs (not eligible).
     for i in 0..8 {
@@ -1135,14 +1076,7 @@ async fn metrics_add_up_after_a_known_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_say_what_each_route_mirrors_and_how_each_shadow_ended() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 12.5",
-    ))
-    .await;
+    let (proxy, _primary, _shadow) = mirror_setup("percentage: 12.5").await;
     let startup = proxy.wait_for_log("route api:", WAIT).await;
     assert!(
         startup.contains("12.50% of GET/HEAD/OPTIONS to shadow"),
@@ -1157,14 +1091,7 @@ async fn logs_say_what_each_route_mirrors_and_how_each_shadow_ended() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_and_options_requests_complete_at_the_shadow() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 100\ntimeout_ms: 2000",
-    ))
-    .await;
+    let (proxy, _primary, _shadow) = mirror_setup("percentage: 100\ntimeout_ms: 2000").await;
     let client = client();
     let resp = client.head(proxy.url("/h")).send().await.unwrap();
     assert_eq!(resp.status(), 200);

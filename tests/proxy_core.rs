@@ -59,23 +59,14 @@ routes:
     let resp = send(reqwest::Method::GET, "other", "/x").await.unwrap();
     assert_eq!(resp.status(), 404, "no route matches GET /x on host other");
 
-    let requests = proxy
-        .metric(
-            "shadowgate_requests_total",
-            &[("route", "no_route"), ("status", "404")],
-        )
-        .await;
+    let requests = responses(&proxy, "no_route", 404).await;
     assert_eq!(requests, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_host_and_adds_forwarding_headers() {
     let origin = Origin::start(OriginOptions::named("app")).await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool("app", &[origin.addr], "")
-    ))
-    .await;
+    let proxy = proxy_to_pool(&[origin.addr], "").await;
     client()
         .get(proxy.url("/hello?x=1"))
         .header("host", "shop.example")
@@ -89,6 +80,16 @@ async fn forwards_host_and_adds_forwarding_headers() {
     assert_eq!(seen.header("x-forwarded-for"), Some("10.1.2.3, 127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.header("via"), Some("1.1 shadowgate"));
+}
+
+/// How many responses of `status` the proxy counted for `route`.
+async fn responses(proxy: &Proxy, route: &str, status: u16) -> f64 {
+    proxy
+        .metric(
+            "shadowgate_requests_total",
+            &[("route", route), ("status", &status.to_string())],
+        )
+        .await
 }
 
 async fn spread(proxy: &Proxy, n: usize, header: Option<(&str, String)>) -> HashMap<String, usize> {
@@ -132,11 +133,7 @@ routes:
 async fn random_selection_uses_every_server() {
     let a = Origin::start(OriginOptions::named("a")).await;
     let b = Origin::start(OriginOptions::named("b")).await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool("app", &[a.addr, b.addr], "    selection: random\n")
-    ))
-    .await;
+    let proxy = proxy_to_pool(&[a.addr, b.addr], "    selection: random\n").await;
     let counts = spread(&proxy, 200, None).await;
     // Binomial(200, 0.5): 60..140 is more than 5 standard deviations wide.
     for name in ["a", "b"] {
@@ -153,14 +150,10 @@ async fn consistent_hash_keeps_each_key_on_one_server() {
         Origin::start(OriginOptions::named("c")).await,
     ];
     let addrs: Vec<_> = origins.iter().map(|o| o.addr).collect();
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool(
-            "app",
-            &addrs,
-            "    selection: consistent_hash\n    hash_key: header:x-user\n"
-        )
-    ))
+    let proxy = proxy_to_pool(
+        &addrs,
+        "    selection: consistent_hash\n    hash_key: header:x-user\n",
+    )
     .await;
     let mut servers_used = std::collections::HashSet::new();
     for user in 0..30 {
@@ -182,14 +175,10 @@ async fn consistent_hash_keeps_each_key_on_one_server() {
 async fn http_health_check_ejects_a_failing_server_and_readmits_it() {
     let a = Origin::start(OriginOptions::named("a")).await;
     let b = Origin::start(OriginOptions::named("b")).await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool(
-            "app",
-            &[a.addr, b.addr],
-            "    health_check: { type: http, path: /healthz, interval_ms: 100, timeout_ms: 500 }\n"
-        )
-    ))
+    let proxy = proxy_to_pool(
+        &[a.addr, b.addr],
+        "    health_check: { type: http, path: /healthz, interval_ms: 100, timeout_ms: 500 }\n",
+    )
     .await;
     let a_health = [("upstream", "app"), ("server", &*a.addr.to_string())];
 
@@ -231,15 +220,7 @@ async fn http_health_check_ejects_a_failing_server_and_readmits_it() {
 async fn tcp_health_check_follows_a_server_that_goes_away_and_returns() {
     let a = Origin::start(OriginOptions::named("a")).await;
     let b = Origin::start(OriginOptions::named("b")).await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool(
-            "app",
-            &[a.addr, b.addr],
-            "    health_check: { type: tcp, interval_ms: 100, timeout_ms: 300 }\n    connect_retries: 0\n"
-        )
-    ))
-    .await;
+    let proxy = proxy_to_pool(&[a.addr, b.addr], "    health_check: { type: tcp, interval_ms: 100, timeout_ms: 300 }\n    connect_retries: 0\n").await;
     let a_health = [("upstream", "app"), ("server", &*a.addr.to_string())];
 
     let a_addr = a.stop().await;
@@ -271,11 +252,7 @@ async fn tcp_health_check_follows_a_server_that_goes_away_and_returns() {
 async fn a_refused_connect_is_retried_on_another_server() {
     let dead = refusing_address().await;
     let live = Origin::start(OriginOptions::named("live")).await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool("app", &[dead, live.addr], "    connect_retries: 1\n")
-    ))
-    .await;
+    let proxy = proxy_to_pool(&[dead, live.addr], "    connect_retries: 1\n").await;
     let counts = spread(&proxy, 20, None).await;
     assert_eq!(counts.get("live"), Some(&20), "{counts:?}");
 }
@@ -283,14 +260,10 @@ async fn a_refused_connect_is_retried_on_another_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_healthy_server_is_a_502() {
     let dead = refusing_address().await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool(
-            "app",
-            &[dead],
-            "    health_check: { type: tcp, interval_ms: 100, timeout_ms: 300 }\n"
-        )
-    ))
+    let proxy = proxy_to_pool(
+        &[dead],
+        "    health_check: { type: tcp, interval_ms: 100, timeout_ms: 300 }\n",
+    )
     .await;
     proxy
         .wait_for_metric(
@@ -310,11 +283,7 @@ async fn no_healthy_server_is_a_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_past_the_retries_are_a_502() {
     let dead = [refusing_address().await, refusing_address().await];
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool("app", &dead, "    connect_retries: 3\n")
-    ))
-    .await;
+    let proxy = proxy_to_pool(&dead, "    connect_retries: 3\n").await;
     let (status, _, _) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 502);
 }
@@ -323,30 +292,17 @@ async fn connect_failures_past_the_retries_are_a_502() {
 async fn an_upstream_read_timeout_is_a_504() {
     let slow =
         Origin::start(OriginOptions::named("slow").response_delay(Duration::from_secs(3))).await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool("app", &[slow.addr], "    read_timeout_ms: 300\n")
-    ))
-    .await;
+    let proxy = proxy_to_pool(&[slow.addr], "    read_timeout_ms: 300\n").await;
     let (status, _, _) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 504);
-    let timeouts = proxy
-        .metric(
-            "shadowgate_requests_total",
-            &[("route", "all"), ("status", "504")],
-        )
-        .await;
+    let timeouts = responses(&proxy, "all", 504).await;
     assert_eq!(timeouts, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_request_gets_400() {
     let origin = Origin::start(OriginOptions::named("app")).await;
-    let proxy = Proxy::start(&format!(
-        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-        pool("app", &[origin.addr], "")
-    ))
-    .await;
+    let proxy = proxy_to_pool(&[origin.addr], "").await;
     let answer = raw_exchange(
         proxy.addr,
         b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n",

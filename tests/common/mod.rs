@@ -64,3 +64,12 @@ pub fn pool(name: &str, servers: &[SocketAddr], extra: &str) -> String {
         .collect();
     format!("  {name}:\n    servers:\n{}\n{extra}", list.join("\n"))
 }
+
+/// A proxy whose one route `all` sends everything to pool `app` of `servers`.
+pub async fn proxy_to_pool(servers: &[SocketAddr], pool_extra: &str) -> Proxy {
+    Proxy::start(&format!(
+        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
+        pool("app", servers, pool_extra)
+    ))
+    .await
+}

@@ -274,9 +274,10 @@ pub enum Misbehavior {
     /// Accept, then never read: writes to it stall once the socket buffers fill.
     Stall,
     /// A keep-alive origin (Content-Length bodies only) that, on its first
-    /// connection, resets in the middle of the second request's body; every other
-    /// request is answered `200 ok`. A proxy's reused connection failing mid-body.
-    ResetReusedMidBody,
+    /// connection, resets once it has this many bytes of the second request's
+    /// body; every other request is answered `200 ok`. A proxy's reused
+    /// connection failing mid-body.
+    ResetReusedMidBody(usize),
 }
 
 /// A TCP origin that breaks the protocol on purpose. Counts accepted connections.
@@ -329,8 +330,9 @@ impl RawOrigin {
                             let _ = stream.write_all(b"this is not http at all\r\n\r\n").await;
                             let _ = stream.shutdown().await;
                         }
-                        Misbehavior::ResetReusedMidBody => {
-                            serve_keep_alive(stream, index == 0, log).await;
+                        Misbehavior::ResetReusedMidBody(after) => {
+                            let reset_after = (index == 0).then_some(after);
+                            serve_keep_alive(stream, reset_after, log).await;
                         }
                         Misbehavior::Stall => {
                             // Hold the connection open, unread, until the peer gives up.
@@ -362,7 +364,7 @@ impl RawOrigin {
 /// Minimal HTTP/1.1 keep-alive server for Content-Length bodies.
 async fn serve_keep_alive(
     mut stream: tokio::net::TcpStream,
-    reset_second_request: bool,
+    reset_second_request_after: Option<usize>,
     log: Arc<Mutex<Vec<Vec<u8>>>>,
 ) {
     let mut buf: Vec<u8> = Vec::new();
@@ -383,9 +385,9 @@ async fn serve_keep_alive(
             .find_map(|l| l.strip_prefix("content-length:"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
-        if reset_second_request && request_index == 1 {
-            // Wait for part of the body, then reset mid-body.
-            while buf.len() <= head_end && length > 0 {
+        if let Some(after) = reset_second_request_after.filter(|_| request_index == 1) {
+            // Take in everything the proxy has sent so far, then reset mid-body.
+            while buf.len() < head_end + after {
                 match stream.read(&mut chunk).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
