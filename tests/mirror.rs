@@ -1031,6 +1031,15 @@ async fn metrics_add_up_after_a_known_sequence() {
         get(&client, &proxy.url(&format!("/g{i}"))).await;
     }
     wait_completed(&proxy, 4.0).await;
+    // Request metrics are recorded just after each response is sent.
+    proxy
+        .wait_for_metric(
+            "shadowgate_requests_total",
+            &[("route", "api")],
+            |v| v == 11.0,
+            WAIT,
+        )
+        .await;
     let text = proxy.metrics_text().await;
     let m = |name: &str, labels: &[(&str, &str)]| proxy::sample(&text, name, labels);
     let api = ("route", "api");

@@ -59,8 +59,7 @@ routes:
     let resp = send(reqwest::Method::GET, "other", "/x").await.unwrap();
     assert_eq!(resp.status(), 404, "no route matches GET /x on host other");
 
-    let requests = responses(&proxy, "no_route", 404).await;
-    assert_eq!(requests, 1.0);
+    wait_responses(&proxy, "no_route", 404, 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,13 +82,17 @@ async fn forwards_host_and_adds_forwarding_headers() {
 }
 
 /// How many responses of `status` the proxy counted for `route`.
-async fn responses(proxy: &Proxy, route: &str, status: u16) -> f64 {
+/// Wait until the proxy has counted `n` responses of `status` for `route`.
+/// Metrics are recorded after the response is sent, so a client can be faster.
+async fn wait_responses(proxy: &Proxy, route: &str, status: u16, n: f64) {
     proxy
-        .metric(
+        .wait_for_metric(
             "shadowgate_requests_total",
             &[("route", route), ("status", &status.to_string())],
+            |v| v == n,
+            WAIT,
         )
-        .await
+        .await;
 }
 
 async fn spread(proxy: &Proxy, n: usize, header: Option<(&str, String)>) -> HashMap<String, usize> {
@@ -295,8 +298,7 @@ async fn an_upstream_read_timeout_is_a_504() {
     let proxy = proxy_to_pool(&[slow.addr], "    read_timeout_ms: 300\n").await;
     let (status, _, _) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 504);
-    let timeouts = responses(&proxy, "all", 504).await;
-    assert_eq!(timeouts, 1.0);
+    wait_responses(&proxy, "all", 504, 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
