@@ -33,19 +33,44 @@ impl ConfigError {
             message: message.into(),
         }
     }
+}
 
-    /// Serde-yaml already renders `path: message at line L column C`.
-    fn from_yaml(err: serde_yaml::Error) -> Self {
-        ConfigError::new("", err.to_string())
+/// Deserialize `text` into `T`, reporting the full path of the offending field
+/// (serde_yaml alone stops at the enclosing mapping for values that fail their
+/// own checks) followed by the parser's line and column.
+fn from_yaml_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // "." is the document root; a "?" segment means a syntax error, where the
+        // parser's line and column say more than a half-built path.
+        let path = if path == "." || path.contains('?') {
+            String::new()
+        } else {
+            path
+        };
+        let message = strip_enclosing_path(&message, &path).to_string();
+        ConfigError::new(path, message)
+    })
+}
+
+/// serde_yaml prefixes its message with the path it knows, which is the full
+/// path or a prefix of it; drop it, since the full path goes in front.
+fn strip_enclosing_path<'a>(message: &'a str, path: &str) -> &'a str {
+    match message.split_once(": ") {
+        Some((known, rest)) if !path.is_empty() && path.starts_with(known) => rest,
+        _ => message,
     }
 }
 
 impl fmt::Display for ConfigError {
+    /// Always one line: line breaks inside key names or values are escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let one_line = |s: &str| s.replace('\n', "\\n").replace('\r', "\\r");
         if self.path.is_empty() {
-            write!(f, "{}", self.message)
+            write!(f, "{}", one_line(&self.message))
         } else {
-            write!(f, "{}: {}", self.path, self.message)
+            write!(f, "{}: {}", one_line(&self.path), one_line(&self.message))
         }
     }
 }
@@ -475,12 +500,12 @@ impl<'de> Deserialize<'de> for Percentage {
         let rounded = scaled.round();
         if !(0.0..=100.0).contains(&value) {
             return Err(serde::de::Error::custom(format!(
-                "percentage {value} is out of range; use a number from 0 to 100"
+                "{value} is out of range; use a number from 0 to 100"
             )));
         }
         if (scaled - rounded).abs() > 1e-6 {
             return Err(serde::de::Error::custom(format!(
-                "percentage {value} has more than two decimals; round it, e.g. to {:.2}",
+                "{value} has more than two decimals; round it, e.g. to {:.2}",
                 value
             )));
         }
@@ -507,8 +532,7 @@ impl FromStr for Config {
 
     /// Parse and validate the text of a configuration file.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let document: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(ConfigError::from_yaml)?;
+        let document: serde_yaml::Value = from_yaml_text(text)?;
         let mapping = match &document {
             serde_yaml::Value::Mapping(m) => m.clone(),
             serde_yaml::Value::Null => serde_yaml::Mapping::new(),
@@ -524,16 +548,16 @@ impl FromStr for Config {
         let server: ServerConf = if mapping.is_empty() {
             ServerConf::default()
         } else {
-            serde_yaml::from_str(text).map_err(ConfigError::from_yaml)?
+            from_yaml_text(text)?
         };
         // Pingora's own checks of its keys.
         let server = server
             .validate()
             .map_err(|e| ConfigError::new("", e.to_string()))?;
         let sections: Sections = if mapping.is_empty() {
-            serde_yaml::from_str("{}").map_err(ConfigError::from_yaml)?
+            from_yaml_text("{}")?
         } else {
-            serde_yaml::from_str(text).map_err(ConfigError::from_yaml)?
+            from_yaml_text(text)?
         };
         let mut config = Config {
             server,
@@ -609,6 +633,12 @@ impl Config {
 
     fn validate_server(&self) -> Result<(), ConfigError> {
         check_range("threads", self.server.threads as u64, 1, 1024)?;
+        if self.server.daemon_wait_for_ready {
+            return Err(ConfigError::new(
+                "daemon_wait_for_ready",
+                "not supported and not needed: with -d, shadowgate returns once its listening sockets are bound or taken over; remove the key",
+            ));
+        }
         check_private_dir("pid_file", &self.server.pid_file)?;
         check_private_dir("upgrade_sock", &self.server.upgrade_sock)
     }
@@ -627,7 +657,7 @@ impl Config {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut names = HashSet::new();
+        let mut names = std::collections::HashMap::new();
         for (i, route) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
             if route.name.is_empty() {
@@ -636,11 +666,11 @@ impl Config {
                     "route name is empty; give the route a name for logs and metrics",
                 ));
             }
-            if !names.insert(route.name.as_str()) {
+            if let Some(first) = names.insert(route.name.as_str(), i) {
                 return Err(ConfigError::new(
                     format!("{at}.name"),
                     format!(
-                        "duplicate route name {:?}; route names must be unique",
+                        "duplicate route name {:?} (also routes[{first}].name); rename one",
                         route.name
                     ),
                 ));
@@ -938,16 +968,49 @@ fn check_top_level_keys(mapping: &serde_yaml::Mapping) -> Result<(), ConfigError
             ));
         };
         if !SHADOWGATE_KEYS.contains(&name) && !pingora_keys.contains_key(name) {
+            let known = SHADOWGATE_KEYS
+                .iter()
+                .copied()
+                .chain(pingora_keys.keys().filter_map(|k| k.as_str()));
+            let hint = closest(name, known)
+                .map(|k| format!("did you mean {k:?}? "))
+                .unwrap_or_default();
             return Err(ConfigError::new(
                 name,
                 format!(
-                    "unknown key; shadowgate's sections are {} and Pingora's server keys include threads, pid_file, upgrade_sock, grace_period_seconds",
+                    "unknown key; {hint}shadowgate's sections are {} and Pingora's server keys include threads, pid_file, upgrade_sock, grace_period_seconds",
                     SHADOWGATE_KEYS.join(", ")
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// The known key nearest to a misspelt one, if it is close (edit distance ≤ 2).
+fn closest<'a>(key: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .map(|k| (edit_distance(key, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(above + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Where the pid file and upgrade socket go when the config does not say.
@@ -1011,7 +1074,7 @@ fn check_private_dir(key: &str, file: &str) -> Result<(), ConfigError> {
             key,
             format!(
                 "{} can be entered by other users (mode {:o}, owner uid {}); another local user could take over the upgrade socket. \
-                 Put {key} in a directory owned by this user with mode 0700, e.g. {}",
+                 Put {key} in a directory owned by this user with mode 0700, e.g. {}, or remove the key to use that default",
                 dir.display(),
                 meta.mode() & 0o7777,
                 meta.uid(),
@@ -1145,6 +1208,28 @@ routes:
         );
         let err = parse(&text).unwrap_err();
         assert_eq!(err.path, "upstreams.app.servers[1].address");
+    }
+
+    #[test]
+    fn misspelt_top_level_keys_get_a_suggestion() {
+        let err = parse(&format!("{MINIMAL}\nlistener: []\n")).unwrap_err();
+        assert!(err.message.contains("did you mean \"listeners\"?"), "{err}");
+        assert_eq!(edit_distance("routs", "routes"), 1);
+        assert_eq!(closest("zzzzzz", ["routes"].into_iter()), None);
+    }
+
+    #[test]
+    fn custom_value_errors_name_the_field() {
+        let text = MINIMAL.replace("127.0.0.1:8080", "localhost:8080");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.path, "listeners[0].address");
+        assert!(err.message.starts_with("cannot parse"), "{err}");
+    }
+
+    #[test]
+    fn errors_stay_on_one_line() {
+        let err = parse(&format!("{MINIMAL}\n\"list\\ners\": []\n")).unwrap_err();
+        assert!(!err.to_string().contains('\n'), "{err}");
     }
 
     #[test]

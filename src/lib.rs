@@ -4,6 +4,7 @@
 pub mod config;
 pub mod metrics;
 pub mod mirror;
+pub mod process;
 pub mod proxy;
 pub mod request;
 pub mod routing;
@@ -38,7 +39,6 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     server.bootstrap();
 
     let metrics = Metrics::global();
-    metrics.record_process_info();
     let (pools, health_checks) = upstream::build_pools(&config.upstreams, &metrics);
     let mirror_runtime = Arc::new(MirrorRuntime::new(
         config.mirror_budget_bytes,
@@ -59,6 +59,11 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     }
     server.add_service(proxy_service);
     server.add_service(background_service("upstream health checks", health_checks));
+    let setup = process::ProcessSetup {
+        listeners: config.listeners.iter().map(|l| l.address.0).collect(),
+        metrics: metrics.clone(),
+    };
+    server.add_service(background_service("process setup", setup));
     if let Some(metrics_config) = &config.metrics {
         let mut service = pingora_prometheus::prometheus_http_service();
         service.add_tcp(&metrics_config.address.to_string());

@@ -100,6 +100,17 @@ impl ShadowGate {
     }
 }
 
+impl ShadowGate {
+    /// Once a shutdown or upgrade has begun, answer with `Connection: close` so
+    /// keep-alive clients reconnect (to the new process) instead of reusing a
+    /// connection this process is about to close.
+    fn close_if_draining(&self, session: &mut Session) {
+        if self.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
+    }
+}
+
 fn log_route(route: &crate::config::RouteConfig, mirrors: &[Arc<Mirror>]) {
     if route.mirrors.is_empty() {
         info!("route {}: -> {}, no mirror", route.name, route.upstream);
@@ -173,9 +184,7 @@ impl ProxyHttp for ShadowGate {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if self.draining.load(Ordering::Relaxed) {
-            session.set_keepalive(None);
-        }
+        self.close_if_draining(session);
         let req = session.req_header();
         let host = request_host(req);
         let Some(route) = self
@@ -253,6 +262,17 @@ impl ProxyHttp for ShadowGate {
         if let Some(host) = ctx.route.as_ref().and_then(|r| r.upstream_host.clone()) {
             upstream_request.insert_header(http::header::HOST, host)?;
         }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A request already under way when the drain began must say so too.
+        self.close_if_draining(session);
         Ok(())
     }
 
