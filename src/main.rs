@@ -8,6 +8,11 @@ use log::error;
 use pingora_core::server::configuration::Opt;
 use shadowgate::{Config, build_server};
 
+// Per request, the proxy makes many small, short-lived allocations (headers, tasks,
+// buffers); mimalloc serves them with less CPU than glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Edge reverse proxy with safe, streaming traffic mirroring.
 #[derive(Parser, Debug)]
 #[command(name = "shadowgate", version, about)]
