@@ -305,6 +305,12 @@ impl ProxyHttp for ShadowGate {
         }
     }
 
+    /// A client that hangs up mid-request is routine at the edge: it is counted
+    /// (status 499) rather than logged as an error.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        client_went_away(e)
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // A shadow still waiting for body will not get the rest: close it, not finish it.
         ctx.tee.finish();
@@ -322,6 +328,14 @@ impl ProxyHttp for ShadowGate {
     }
 }
 
+fn client_went_away(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+        )
+}
+
 /// The status to answer for a failed request: 504 for an upstream timeout, 502
 /// for other upstream failures, 400 for a bad request, 0 when the client is gone.
 fn error_status(e: &Error) -> u16 {
@@ -334,10 +348,8 @@ fn error_status(e: &Error) -> u16 {
         }
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
-            ErrorSource::Downstream => match e.etype() {
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                _ => 400,
-            },
+            ErrorSource::Downstream if client_went_away(e) => 0,
+            ErrorSource::Downstream => 400,
             ErrorSource::Internal | ErrorSource::Unset => 500,
         },
     }

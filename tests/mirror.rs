@@ -904,6 +904,16 @@ async fn a_client_that_aborts_its_upload_aborts_the_shadow_too() {
         0,
         "the shadow saw a complete request from a broken upload"
     );
+    // A client hanging up is counted as 499, not logged as a proxy error.
+    proxy
+        .wait_for_metric(
+            "shadowgate_requests_total",
+            &[("route", "api"), ("status", "499")],
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+    assert!(!proxy.log().contains("Fail to proxy"), "{}", proxy.log());
 }
 
 // ---------------------------------------------------------------- the shadow request
