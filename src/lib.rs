@@ -86,6 +86,33 @@ impl App {
     }
 }
 
+/// Pingora stops watching signals once a graceful stop begins, and then sleeps
+/// through `grace_period_seconds`: keep SIGINT meaning "stop now" during that time.
+fn exit_on_sigint_while_draining() {
+    let watcher = std::thread::Builder::new()
+        .name("sigint while draining".into())
+        .spawn(|| {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                if let Ok(mut interrupt) = signal(SignalKind::interrupt()) {
+                    info!("graceful stop under way; SIGINT stops at once");
+                    interrupt.recv().await;
+                    log::warn!("SIGINT during the graceful stop: exiting now");
+                    std::process::exit(130);
+                }
+            });
+        });
+    if let Err(e) = watcher {
+        log::warn!("cannot watch for SIGINT during the graceful stop: {e}");
+    }
+}
+
 /// Pingora's Unix signal handling, plus: from the moment a shutdown or upgrade
 /// starts, every response says `Connection: close`. Pingora drops idle keep-alive
 /// connections when it stops; this way busy clients have already moved on.
@@ -101,6 +128,9 @@ impl ShutdownSignalWatch for DrainOnShutdown {
         info!(
             "shutdown signal received ({signal:?}): closing keep-alive connections as responses finish"
         );
+        if !matches!(signal, ShutdownSignal::FastShutdown) {
+            exit_on_sigint_while_draining();
+        }
         signal
     }
 }

@@ -832,3 +832,26 @@ async fn sigterm_with_a_request_in_flight() -> Response {
     );
     resp
 }
+
+/// During a long graceful stop, SIGINT still means "stop now".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_a_graceful_stop_exits_at_once() {
+    let origin = Origin::start(OriginOptions::named("app")).await;
+    let setup = Setup::new(origin.addr, 300);
+    let mut proxy = setup.start("proxy", &[]);
+    proxy
+        .wait_listening(&[setup.addr, setup.metrics_addr])
+        .await;
+    proxy.signal("TERM");
+    proxy
+        .wait_for_log("graceful stop under way; SIGINT stops at once", WAIT)
+        .await;
+    proxy.signal("INT");
+    let status = proxy.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(130), "{}", proxy.log());
+    assert!(
+        proxy
+            .log()
+            .contains("SIGINT during the graceful stop: exiting now")
+    );
+}
