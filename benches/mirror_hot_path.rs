@@ -85,7 +85,12 @@ routes:
     let config: Config = yaml.parse().expect("bench config");
     let metrics = Metrics::global();
     let (pools, _health) = build_pools(&config.upstreams, &metrics);
-    let mirror_runtime = Arc::new(MirrorRuntime::new(config.mirror_budget_bytes, 16, &metrics));
+    let mirror_runtime = Arc::new(MirrorRuntime::new(
+        config.mirror_budget_bytes,
+        16,
+        0,
+        &metrics,
+    ));
     let mirror = Arc::new(Mirror::new(
         "bench",
         &config.routes[0].mirrors[0],

@@ -88,6 +88,8 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// Ceiling on the shadow bytes queued in the whole process at once.
     pub mirror_budget_bytes: u64,
+    /// Worker threads for shadow sessions; 0 runs them on the proxy's threads.
+    pub mirror_threads: u32,
 }
 
 /// shadowgate's own top-level sections; Pingora's keys sit beside them in the same file.
@@ -103,6 +105,8 @@ struct Sections {
     metrics: Option<MetricsConfig>,
     #[serde(default = "default_mirror_budget")]
     mirror_budget_bytes: u64,
+    #[serde(default = "default_mirror_threads")]
+    mirror_threads: u32,
 }
 
 const SHADOWGATE_KEYS: &[&str] = &[
@@ -111,10 +115,15 @@ const SHADOWGATE_KEYS: &[&str] = &[
     "routes",
     "metrics",
     "mirror_budget_bytes",
+    "mirror_threads",
 ];
 
 fn default_mirror_budget() -> u64 {
     DEFAULT_MIRROR_BUDGET_BYTES
+}
+
+fn default_mirror_threads() -> u32 {
+    0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -566,6 +575,7 @@ impl FromStr for Config {
             routes: sections.routes,
             metrics: sections.metrics,
             mirror_budget_bytes: sections.mirror_budget_bytes,
+            mirror_threads: sections.mirror_threads,
         };
         apply_private_runtime_dir(&mut config.server, &mapping);
         config.validate()?;
@@ -628,6 +638,7 @@ impl Config {
             1,
             u64::MAX / 2,
         )?;
+        check_range("mirror_threads", self.mirror_threads as u64, 0, 256)?;
         self.validate_routes()
     }
 

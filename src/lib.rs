@@ -43,6 +43,7 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     let mirror_runtime = Arc::new(MirrorRuntime::new(
         config.mirror_budget_bytes,
         server.configuration.upstream_keepalive_pool_size,
+        config.mirror_threads as usize,
         &metrics,
     ));
     let draining = Arc::new(AtomicBool::new(false));

@@ -2,6 +2,7 @@
 //! The primary never waits on a shadow: each hand-off is a non-blocking try, and trouble abandons only that shadow.
 
 pub mod budget;
+pub mod executor;
 pub mod sampler;
 pub mod shadow;
 
@@ -21,6 +22,7 @@ use crate::metrics::{Metrics, MirrorMetrics};
 use crate::request;
 use crate::upstream::Pool;
 use budget::{ByteBudget, QueueAccount};
+use executor::ShadowExecutor;
 use sampler::Sampler;
 use shadow::{AbortSignal, ShadowMsg, ShadowSession};
 
@@ -75,10 +77,17 @@ impl AbandonReason {
 pub struct MirrorRuntime {
     connector: Arc<Connector>,
     budget: Arc<ByteBudget>,
+    executor: ShadowExecutor,
 }
 
 impl MirrorRuntime {
-    pub fn new(budget_bytes: u64, keepalive_pool_size: usize, metrics: &Metrics) -> Self {
+    /// `threads`: worker threads for shadow sessions; 0 runs them on the proxy's own.
+    pub fn new(
+        budget_bytes: u64,
+        keepalive_pool_size: usize,
+        threads: usize,
+        metrics: &Metrics,
+    ) -> Self {
         let options = pingora_core::connectors::ConnectorOptions::new(keepalive_pool_size);
         MirrorRuntime {
             connector: Arc::new(Connector::new(Some(options))),
@@ -86,6 +95,7 @@ impl MirrorRuntime {
                 budget_bytes,
                 metrics.mirror_queued_bytes.clone(),
             )),
+            executor: ShadowExecutor::new(threads),
         }
     }
 }
@@ -227,7 +237,7 @@ impl Mirror {
             mirror: self.clone(),
             _permit: permit,
         };
-        tokio::spawn(session.run());
+        self.runtime.executor.spawn(session.run());
         let mut tap = Tap {
             mirror: self.clone(),
             tx,

@@ -77,6 +77,9 @@ impl ShadowSession {
     /// A timeout or an abort drops the exchange, and with it the connection: a
     /// half-sent body is closed, never finished.
     pub async fn run(mut self) {
+        // A freshly spawned task runs next on this worker, ahead of primary
+        // requests already waiting; step back behind them first.
+        tokio::task::yield_now().await;
         let mirror = self.mirror.clone();
         let abort = self.abort.clone();
         let started = Instant::now();
