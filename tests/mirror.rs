@@ -318,14 +318,8 @@ async fn hash_sampling_agrees_across_two_proxies_and_nests_across_mirrors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_the_hash_key_fall_back_to_the_counter() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&mirrored(
-        &[primary.addr],
-        &[shadow.addr],
-        "percentage: 50\nsample_by: \"cookie:session\"",
-    ))
-    .await;
+    let (proxy, _primary, shadow) =
+        mirror_setup("percentage: 50\nsample_by: \"cookie:session\"").await;
     let client = client();
     for i in 0..100 {
         get(&client, &proxy.url(&format!("/{i}"))).await;

@@ -33,8 +33,8 @@ def log(msg):
 
 # --- processes -------------------------------------------------------------
 
-def children_of(pid):
-    out = []
+def processes_and_parents():
+    """(pid, parent pid) of every process, read from /proc."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -43,10 +43,11 @@ def children_of(pid):
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
+        yield int(entry), int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def children_of(pid):
+    return [child for child, parent in processes_and_parents() if parent == pid]
 
 
 def process_tree(root):
@@ -266,16 +267,7 @@ def our_pids(m):
         roots += o["pids"]
     roots = set(roots)
     pids = set(roots)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rfind(")") + 2:].split()[1]) in roots:
-            pids.add(int(entry))
+    pids.update(child for child, parent in processes_and_parents() if parent in roots)
     return sorted(pids)
 
 
