@@ -150,6 +150,7 @@ impl Metrics {
         RouteMetrics {
             route: route.to_string(),
             requests_total: self.requests_total.clone(),
+            by_status: (STATUS_MIN..=STATUS_MAX).map(|_| OnceLock::new()).collect(),
             duration: self.request_duration.with_label_values(&[route]),
         }
     }
@@ -174,19 +175,30 @@ impl Metrics {
     }
 }
 
+const STATUS_MIN: u16 = 100;
+const STATUS_MAX: u16 = 599;
+
 /// Pre-labelled metrics of one route.
 pub struct RouteMetrics {
     route: String,
     requests_total: IntCounterVec,
+    /// The `requests_total` child of each status, resolved on its first use so
+    /// later requests skip the label hash and the family's lock.
+    by_status: Box<[OnceLock<IntCounter>]>,
     duration: Histogram,
 }
 
 impl RouteMetrics {
     pub fn observe(&self, status: u16, seconds: f64) {
-        let mut buf = itoa::Buffer::new();
-        self.requests_total
-            .with_label_values(&[self.route.as_str(), buf.format(status)])
-            .inc();
+        let counter = |status: u16| {
+            let mut buf = itoa::Buffer::new();
+            self.requests_total
+                .with_label_values(&[self.route.as_str(), buf.format(status)])
+        };
+        match self.by_status.get(status.wrapping_sub(STATUS_MIN) as usize) {
+            Some(slot) => slot.get_or_init(|| counter(status)).inc(),
+            None => counter(status).inc(),
+        }
         self.duration.observe(seconds);
     }
 }

@@ -79,7 +79,7 @@ impl ShadowGate {
                     )))
                 })
                 .collect();
-            log_route(route, &mirrors);
+            log_route(route);
             let built = Route {
                 name: route.name.clone(),
                 pool,
@@ -111,7 +111,7 @@ impl ShadowGate {
     }
 }
 
-fn log_route(route: &crate::config::RouteConfig, mirrors: &[Arc<Mirror>]) {
+fn log_route(route: &crate::config::RouteConfig) {
     if route.mirrors.is_empty() {
         info!("route {}: -> {}, no mirror", route.name, route.upstream);
         return;
@@ -159,7 +159,6 @@ fn log_route(route: &crate::config::RouteConfig, mirrors: &[Arc<Mirror>]) {
             );
         }
     }
-    debug_assert_eq!(mirrors.len(), route.mirrors.len());
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {

@@ -65,14 +65,20 @@ impl<T> Router<T> {
 }
 
 /// The host a request is for: the Host header (or HTTP/2 authority), lower case, port removed.
-pub fn request_host(header: &pingora_http::RequestHeader) -> String {
+/// Borrowed when it is already lower case, as it nearly always is: no allocation per request.
+pub fn request_host(header: &pingora_http::RequestHeader) -> std::borrow::Cow<'_, str> {
     let raw = header
         .headers
         .get(http::header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| header.uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
-    strip_port(raw).to_ascii_lowercase()
+    let host = strip_port(raw);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 fn strip_port(host: &str) -> &str {
@@ -124,6 +130,18 @@ mod tests {
         ]);
         assert_eq!(router.find("h", "/api/x", &Method::GET), Some(&"api"));
         assert_eq!(router.find("h", "/other", &Method::GET), Some(&"default"));
+    }
+
+    #[test]
+    fn request_host_is_lower_case_without_port() {
+        let mut req = pingora_http::RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("host", "API.Example.com:8080").unwrap();
+        assert_eq!(request_host(&req), "api.example.com");
+        req.insert_header("host", "api.example.com").unwrap();
+        assert!(matches!(
+            request_host(&req),
+            std::borrow::Cow::Borrowed("api.example.com")
+        ));
     }
 
     #[test]

@@ -438,16 +438,8 @@ async fn chunked_body_split_across_many_reads_is_mirrored_intact() {
         }
     }
     stream.write_all(b"0\r\n\r\n").await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    let answer = read_rest(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let at_shadow = &shadow.wait_for(1, WAIT).await[0];
     assert_eq!(at_shadow.body_sha256, sha256_hex(&whole));
     assert_eq!(primary.requests()[0].body_sha256, sha256_hex(&whole));
@@ -482,12 +474,7 @@ async fn expect_100_continue_upload_is_mirrored_without_the_expectation() {
         String::from_utf8_lossy(&interim[..n])
     );
     stream.write_all(&data).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_rest(&mut stream).await;
     assert!(answer.contains("HTTP/1.1 200"), "{answer}");
     let at_shadow = &shadow.wait_for(1, WAIT).await[0];
     assert_eq!(at_shadow.body_sha256, sha256_hex(&data));
@@ -568,16 +555,8 @@ async fn a_primary_retried_mid_body_replays_nothing_to_the_shadow() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stream.write_all(&data[5_000..]).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    let answer = read_rest(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     assert_eq!(
         primary.answered().last(),

@@ -46,6 +46,11 @@ pub async fn get(client: &reqwest::Client, url: &str) -> (u16, String, String) {
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request).await.expect("write");
+    read_rest(&mut stream).await
+}
+
+/// Everything the server sends until it closes the connection (bounded by `WAIT`).
+pub async fn read_rest(stream: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
