@@ -108,12 +108,14 @@ routes:
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_function(format!("{size} B chunk to one live shadow"), |b| {
             let _guard = runtime.enter();
-            let mut tee = MirrorTee::start(
+            let mut tee = MirrorTee::sample(
                 std::slice::from_ref(&mirror),
                 &req,
                 None,
                 RequestBody::Streamed,
             );
+            tee.set_primary_header(req.clone());
+            tee.primary_sent();
             // Time the tee calls only; between batches let the shadow drain
             // (unmeasured), so the queue never fills and every call does real work.
             b.iter_custom(|iters| {

@@ -182,8 +182,33 @@ impl ProxyHttp for ShadowGate {
         }
     }
 
+    /// Right after the request header is read: per-connection settings.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Answer pipelined requests in order instead of dropping them; Pingora
+        // serves them one after another, each with its own body framing, so
+        // each is mirrored (or not) on its own.
+        session.set_pipelining_enabled(true);
+        Ok(())
+    }
+
+    /// Refuse ambiguous requests, match the route, decide which mirrors sample it.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         self.close_if_draining(session);
+        let raw_header = session
+            .as_downstream()
+            .as_http1()
+            .map(|h1| h1.get_headers_raw_bytes());
+        if let Some(reason) = request::refusal(session.req_header(), raw_header.as_deref()) {
+            // Whatever follows on this connection cannot be trusted either.
+            session.set_keepalive(None);
+            let body = Bytes::from(format!("bad request: {reason}\n"));
+            session.respond_error_with_body(400, body).await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         let host = request_host(req);
         let Some(route) = self
@@ -202,7 +227,7 @@ impl ProxyHttp for ShadowGate {
         if !route.mirrors.is_empty() {
             let body_empty = session.as_mut().is_body_empty();
             let body = RequestBody::of(session.req_header(), body_empty);
-            ctx.tee = MirrorTee::start(
+            ctx.tee = MirrorTee::sample(
                 &route.mirrors,
                 session.req_header(),
                 client_ip(session),
@@ -251,6 +276,8 @@ impl ProxyHttp for ShadowGate {
         e
     }
 
+    /// Per attempt, the header Pingora has sanitised: add what the next hop is
+    /// owed, and hand the shadows their copy before the primary-only Host rewrite.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -258,23 +285,18 @@ impl ProxyHttp for ShadowGate {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         request::add_forwarding_headers(upstream_request, client_ip(session));
+        request::relay_proxy_authorization(session.req_header(), upstream_request);
+        request::normalize_upstream(upstream_request);
+        if ctx.tee.wants_primary_header() {
+            ctx.tee.set_primary_header(upstream_request.clone());
+        }
         if let Some(host) = ctx.route.as_ref().and_then(|r| r.upstream_host.clone()) {
             upstream_request.insert_header(http::header::HOST, host)?;
         }
         Ok(())
     }
 
-    async fn response_filter(
-        &self,
-        session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        // A request already under way when the drain began must say so too.
-        self.close_if_draining(session);
-        Ok(())
-    }
-
+    /// Per body chunk, after the header went upstream: tee it to the shadows.
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -285,6 +307,30 @@ impl ProxyHttp for ShadowGate {
         if ctx.tee.is_active() {
             ctx.tee.tee(body.as_ref(), end_of_stream);
         }
+        Ok(())
+    }
+
+    /// The primary answered, so its request went upstream: start any shadow the
+    /// body filter has not (an empty body to an HTTP/2 upstream never calls it).
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.tee.primary_sent();
+        Ok(())
+    }
+
+    /// Before the response goes to the client.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A request already under way when the drain began must say so too.
+        self.close_if_draining(session);
         Ok(())
     }
 

@@ -4,26 +4,14 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use http::header::{self, HeaderName};
+use http::Version;
+use http::header::{self, HeaderValue};
 use pingora_http::RequestHeader;
 
 use crate::config::RequestKey;
 
 /// The token this proxy adds to `Via`.
 pub const VIA_TOKEN: &str = "1.1 shadowgate";
-
-/// Headers that describe one connection, not the request (RFC 9110 §7.6.1), plus
-/// `Expect`, which a copied request must not carry: the shadow would answer
-/// `100 Continue` to a client that is not listening to it.
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::EXPECT,
-];
-const HOP_BY_HOP_EXTRA: &[&str] = &["keep-alive", "proxy-connection"];
 
 /// Add the headers a reverse proxy owes its upstream: who the client is, which
 /// scheme it used, and that we passed the request on.
@@ -44,25 +32,101 @@ pub fn add_forwarding_headers(req: &mut RequestHeader, client_ip: Option<IpAddr>
     let _ = req.insert_header(header::VIA, via);
 }
 
-/// Remove connection-specific headers, including those the `Connection` header names.
-pub fn remove_hop_by_hop(req: &mut RequestHeader) {
-    let named: Vec<String> = req
-        .headers
+/// Why a request must be refused with 400 before it goes anywhere, if it must.
+///
+/// Pingora accepts these; each is ambiguous in a way an upstream could read
+/// differently from us (request smuggling, routing confusion):
+/// - HTTP/1.1 without `Host`, or with more than one (RFC 9112 §3.2);
+/// - `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.1 allows
+///   acting on Transfer-Encoding; like NGINX we refuse). Pingora drops the
+///   Content-Length before we see the header, so `raw_header` (the header bytes
+///   as received) is checked when Transfer-Encoding is present.
+pub fn refusal(req: &RequestHeader, raw_header: Option<&[u8]>) -> Option<&'static str> {
+    if req.version == Version::HTTP_11 {
+        let mut hosts = req.headers.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (None, _) => return Some("HTTP/1.1 request without Host"),
+            (Some(_), Some(_)) => return Some("more than one Host header"),
+            _ => {}
+        }
+    }
+    if req.headers.contains_key(header::TRANSFER_ENCODING)
+        && raw_header.is_some_and(has_content_length_field)
+    {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    None
+}
+
+/// Whether raw HTTP/1 header bytes carry a `Content-Length` field line.
+fn has_content_length_field(raw: &[u8]) -> bool {
+    raw.split(|b| *b == b'\n').skip(1).any(|line| {
+        line.iter().position(|b| *b == b':').is_some_and(|colon| {
+            line[..colon]
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"content-length")
+        })
+    })
+}
+
+/// Normalise what goes upstream where the client was allowed latitude:
+/// identical duplicate `Content-Length` values (Pingora checked they agree) are
+/// sent once (RFC 9110 §8.6), and an absolute-form target is sent in origin
+/// form, as NGINX does; Host already names the authority (Pingora refuses a
+/// request whose Host and target authority disagree).
+pub fn normalize_upstream(req: &mut RequestHeader) {
+    let mut lengths = req.headers.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next()
+        && (lengths.next().is_some() || first.as_bytes().contains(&b','))
+    {
+        let one = first
+            .as_bytes()
+            .split(|b| *b == b',')
+            .next()
+            .unwrap_or_default();
+        if let Ok(value) = HeaderValue::from_bytes(one.trim_ascii()) {
+            let _ = req.insert_header(header::CONTENT_LENGTH, value);
+        }
+    }
+    if req.uri.authority().is_some()
+        && let Some(origin_form) = req.uri.path_and_query().cloned()
+    {
+        req.set_uri(http::Uri::from(origin_form));
+    }
+}
+
+/// Relay the client's `Proxy-Authorization` to the primary. Pingora strips it as
+/// hop-by-hop, but it is meant for a proxy that asked for it (RFC 9110 §11.7.4)
+/// and shadowgate never does, so it belongs to the next hop, as with NGINX and
+/// HAProxy. Not when the client's `Connection` header nominated it.
+pub fn relay_proxy_authorization(client: &RequestHeader, upstream: &mut RequestHeader) {
+    let name = header::PROXY_AUTHORIZATION;
+    if !client.headers.contains_key(&name) || connection_nominates(client, name.as_str()) {
+        return;
+    }
+    for value in client.headers.get_all(&name) {
+        let _ = upstream.append_header(name.clone(), value.clone());
+    }
+}
+
+/// Whether the `Connection` header lists `name`.
+fn connection_nominates(req: &RequestHeader, name: &str) -> bool {
+    req.headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    for name in named {
-        req.remove_header(&name);
-    }
-    for name in HOP_BY_HOP {
-        req.remove_header(name);
-    }
-    for name in HOP_BY_HOP_EXTRA {
-        req.remove_header(*name);
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// Give an HTTP/1 request with a body a framing header when it has none, as
+/// Pingora does for the primary after the request filters (a `Connection`
+/// header can nominate `Content-Length` away).
+pub fn frame_h1_body(req: &mut RequestHeader, has_body: bool) {
+    if has_body
+        && !req.headers.contains_key(header::CONTENT_LENGTH)
+        && !req.headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        let _ = req.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
 }
 
@@ -123,19 +187,65 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_headers_and_connection_tokens_go() {
-        let mut req = request(&[
-            ("connection", "keep-alive, x-private"),
-            ("x-private", "1"),
-            ("expect", "100-continue"),
-            ("keep-alive", "timeout=5"),
-            ("x-kept", "yes"),
+    fn ambiguous_requests_are_refused() {
+        let mut req = request(&[]);
+        assert_eq!(refusal(&req, None), Some("HTTP/1.1 request without Host"));
+        req.append_header("host", "a").unwrap();
+        assert_eq!(refusal(&req, None), None);
+        req.append_header("host", "b").unwrap();
+        assert_eq!(refusal(&req, None), Some("more than one Host header"));
+
+        let mut req = request(&[("host", "a"), ("transfer-encoding", "chunked")]);
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH : 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(refusal(&req, Some(raw)).is_some());
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refusal(&req, Some(raw)), None);
+        req.set_version(Version::HTTP_10);
+        req.remove_header("host");
+        assert_eq!(refusal(&req, Some(raw)), None, "HTTP/1.0 needs no Host");
+    }
+
+    #[test]
+    fn duplicate_lengths_and_absolute_targets_are_normalised() {
+        let mut req = request(&[("content-length", "5"), ("content-length", "5")]);
+        normalize_upstream(&mut req);
+        assert_eq!(req.headers.get_all("content-length").iter().count(), 1);
+        assert_eq!(req.headers["content-length"], "5");
+        let mut req = request(&[("content-length", "7, 7")]);
+        normalize_upstream(&mut req);
+        assert_eq!(req.headers["content-length"], "7");
+
+        let mut req = RequestHeader::build("GET", b"http://a.example/x?y=1", None).unwrap();
+        normalize_upstream(&mut req);
+        assert_eq!(req.uri.to_string(), "/x?y=1");
+    }
+
+    #[test]
+    fn proxy_authorization_goes_to_the_next_hop_unless_nominated() {
+        let client = request(&[("proxy-authorization", "Basic eA==")]);
+        let mut upstream = request(&[]);
+        relay_proxy_authorization(&client, &mut upstream);
+        assert_eq!(upstream.headers["proxy-authorization"], "Basic eA==");
+
+        let client = request(&[
+            ("connection", "Proxy-Authorization"),
+            ("proxy-authorization", "Basic eA=="),
         ]);
-        remove_hop_by_hop(&mut req);
-        for gone in ["connection", "x-private", "expect", "keep-alive"] {
-            assert!(!req.headers.contains_key(gone), "{gone} should be removed");
-        }
-        assert_eq!(req.headers["x-kept"], "yes");
+        let mut upstream = request(&[]);
+        relay_proxy_authorization(&client, &mut upstream);
+        assert!(!upstream.headers.contains_key("proxy-authorization"));
+    }
+
+    #[test]
+    fn a_bodied_request_without_framing_is_chunked() {
+        let mut req = request(&[]);
+        frame_h1_body(&mut req, false);
+        assert!(!req.headers.contains_key("transfer-encoding"));
+        frame_h1_body(&mut req, true);
+        assert_eq!(req.headers["transfer-encoding"], "chunked");
+        let mut req = request(&[("content-length", "3")]);
+        frame_h1_body(&mut req, true);
+        assert!(!req.headers.contains_key("transfer-encoding"));
     }
 
     #[test]

@@ -39,10 +39,13 @@ pub enum AbandonReason {
     Timeout,
     UpstreamError,
     PrimaryAborted,
+    /// The primary request was refused or never reached an upstream, so the
+    /// shadow, which gets exactly what the primary got or nothing, got nothing.
+    PrimaryNotSent,
 }
 
 impl AbandonReason {
-    pub const ALL: [AbandonReason; 10] = [
+    pub const ALL: [AbandonReason; 11] = [
         AbandonReason::Method,
         AbandonReason::BodyTooLarge,
         AbandonReason::QueueFull,
@@ -53,6 +56,7 @@ impl AbandonReason {
         AbandonReason::Timeout,
         AbandonReason::UpstreamError,
         AbandonReason::PrimaryAborted,
+        AbandonReason::PrimaryNotSent,
     ];
 
     /// The `reason` label value.
@@ -68,6 +72,7 @@ impl AbandonReason {
             AbandonReason::Timeout => "timeout",
             AbandonReason::UpstreamError => "upstream_error",
             AbandonReason::PrimaryAborted => "primary_aborted",
+            AbandonReason::PrimaryNotSent => "primary_not_sent",
         }
     }
 }
@@ -199,7 +204,7 @@ impl Mirror {
     /// Start a shadow session for this request, or say why not.
     fn start(
         self: &Arc<Self>,
-        req: &RequestHeader,
+        primary: &RequestHeader,
         client_ip: Option<IpAddr>,
         body: RequestBody,
     ) -> Result<Tap, AbandonReason> {
@@ -216,7 +221,7 @@ impl Mirror {
         let key = self
             .pool
             .hash_key()
-            .and_then(|k| request::key_value(k, req, client_ip));
+            .and_then(|k| request::key_value(k, primary, client_ip));
         let addr = self
             .pool
             .select(key.as_deref().unwrap_or_default(), &[])
@@ -230,7 +235,7 @@ impl Mirror {
             self.runtime.budget.clone(),
         ));
         let session = ShadowSession {
-            header: self.shadow_header(req, client_ip),
+            header: self.shadow_header(primary, body),
             peer,
             inbox: rx,
             abort: abort.clone(),
@@ -254,16 +259,22 @@ impl Mirror {
         Ok(tap)
     }
 
-    /// The request as the shadow sees it: the original method, path, query and
-    /// end-to-end headers, plus forwarding headers and this mirror's edits.
-    fn shadow_header(&self, req: &RequestHeader, client_ip: Option<IpAddr>) -> RequestHeader {
-        let mut header = req.clone();
-        request::remove_hop_by_hop(&mut header);
+    /// The request as the shadow sees it: exactly the header sent to the primary
+    /// upstream (after Pingora's sanitising and our forwarding headers), framed
+    /// for the shadow's protocol, less `Expect` and `Proxy-Authorization`, plus
+    /// this mirror's edits and the marker.
+    fn shadow_header(&self, primary: &RequestHeader, body: RequestBody) -> RequestHeader {
+        let mut header = primary.clone();
+        // The shadow gets the body regardless and must not answer `100 Continue`;
+        // credentials meant for a proxy are not the shadow's business.
+        header.remove_header(&http::header::EXPECT);
+        header.remove_header(&http::header::PROXY_AUTHORIZATION);
         if self.pool.is_h2() {
             // HTTP/2 frames the body itself and forbids this header.
             header.remove_header(&http::header::TRANSFER_ENCODING);
+        } else {
+            request::frame_h1_body(&mut header, body != RequestBody::Empty);
         }
-        request::add_forwarding_headers(&mut header, client_ip);
         for name in &self.remove_headers {
             header.remove_header(name);
         }
@@ -291,8 +302,9 @@ impl Mirror {
 }
 
 /// What the request header says about the body to come.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RequestBody {
+    #[default]
     Empty,
     Length(u64),
     /// Chunked, or otherwise of unknown length.
@@ -362,9 +374,20 @@ impl Tap {
     }
 }
 
-/// Per-request mirror state: the live taps and where this upstream attempt is in the body.
+/// Per-request mirror state: the sampled mirrors, the live taps and where this
+/// upstream attempt is in the body.
+///
+/// Sampling is decided when the request arrives, but a shadow starts only once
+/// the primary's request header has been written upstream: it is built from
+/// that header, and a request that Pingora or we refuse is never mirrored.
 #[derive(Default)]
 pub struct MirrorTee {
+    /// Sampled mirrors whose shadow has not started yet.
+    pending: Vec<Arc<Mirror>>,
+    /// The header of the current primary attempt, as sent upstream.
+    primary_header: Option<RequestHeader>,
+    client_ip: Option<IpAddr>,
+    body: RequestBody,
     taps: Vec<Tap>,
     /// Body offset of the next chunk in the current primary attempt. A retry
     /// replays the body from the start, so this resets while `delivered` does not.
@@ -372,8 +395,8 @@ pub struct MirrorTee {
 }
 
 impl MirrorTee {
-    /// Decide each mirror of the route for this request and start the sampled ones.
-    pub fn start(
+    /// Decide each mirror of the route for this request. Nothing starts yet.
+    pub fn sample(
         mirrors: &[Arc<Mirror>],
         req: &RequestHeader,
         client_ip: Option<IpAddr>,
@@ -383,20 +406,47 @@ impl MirrorTee {
         if mirrors.is_empty() || request::is_upgrade(req) {
             return tee;
         }
-        for mirror in mirrors {
-            if !mirror.wants(req, client_ip) {
-                continue;
-            }
-            match mirror.start(req, client_ip, body) {
-                Ok(tap) => tee.taps.push(tap),
-                Err(reason) => mirror.abandoned(reason),
-            }
-        }
+        tee.pending = mirrors
+            .iter()
+            .filter(|m| m.wants(req, client_ip))
+            .cloned()
+            .collect();
+        tee.client_ip = client_ip;
+        tee.body = body;
         tee
     }
 
+    /// Whether a sampled shadow still waits for the primary's upstream header.
+    pub fn wants_primary_header(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The header this primary attempt sends upstream (called once per attempt,
+    /// from `upstream_request_filter`); the shadows start from it.
+    pub fn set_primary_header(&mut self, header: RequestHeader) {
+        self.primary_header = Some(header);
+    }
+
+    /// The primary's header has been written upstream: start the sampled shadows.
+    /// Called on the first body chunk and when the primary answers (an empty
+    /// body to an HTTP/2 upstream makes no body filter call).
+    pub fn primary_sent(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let Some(header) = self.primary_header.take() else {
+            return;
+        };
+        for mirror in std::mem::take(&mut self.pending) {
+            match mirror.start(&header, self.client_ip, self.body) {
+                Ok(tap) => self.taps.push(tap),
+                Err(reason) => mirror.abandoned(reason),
+            }
+        }
+    }
+
     pub fn is_active(&self) -> bool {
-        self.taps.iter().any(|t| t.open)
+        !self.pending.is_empty() || self.taps.iter().any(|t| t.open)
     }
 
     /// A new primary attempt starts; its body filter calls begin at offset 0 again.
@@ -410,6 +460,8 @@ impl MirrorTee {
     /// body) are sliced off. Empty chunks are never forwarded: on a chunked
     /// HTTP/1 body an empty chunk is the terminator.
     pub fn tee(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) {
+        // The body filter runs only after the header went upstream.
+        self.primary_sent();
         let start = self.attempt_offset;
         let len = chunk.map_or(0, |c| c.len() as u64);
         self.attempt_offset += len;
@@ -434,8 +486,12 @@ impl MirrorTee {
     }
 
     /// The primary is done. A shadow still waiting for body never gets the rest,
-    /// so it drops its connection instead of finishing the body.
+    /// so it drops its connection instead of finishing the body; a shadow that
+    /// never started (the primary was refused or never sent) is counted as such.
     pub fn finish(&mut self) {
+        for mirror in self.pending.drain(..) {
+            mirror.abandoned(AbandonReason::PrimaryNotSent);
+        }
         for tap in self.taps.iter_mut().filter(|t| t.open) {
             tap.abandon(AbandonReason::PrimaryAborted);
         }
