@@ -182,6 +182,27 @@ fn cases() -> Vec<Case> {
             b"",
             &[Values("x-dup", &["1", "2", "3"])],
         ),
+        accepted(
+            "head_request",
+            &format!("HEAD /g HTTP/1.1\r\nHost: h\r\n{ID}\r\n"),
+            none.clone(),
+            b"",
+            &[],
+        ),
+        accepted(
+            "get_with_content_length_body",
+            &get("Content-Length: 5\r\n").replace("\r\n\r\n", "\r\n\r\nhello"),
+            Length(5),
+            b"hello",
+            &[],
+        ),
+        accepted(
+            "prior_x_forwarded_for_extended",
+            &get("X-Forwarded-For: 10.0.0.1\r\n"),
+            none.clone(),
+            b"",
+            &[Values("x-forwarded-for", &["10.0.0.1, 127.0.0.1"])],
+        ),
         // --- Host (RFC 9112 §3.2)
         refused(
             "http11_without_host",
