@@ -384,6 +384,20 @@ fn cases() -> Vec<Case> {
             b"hello",
             &[Lacks("content-length"), CleanChunks],
         ),
+        refused(
+            "connection_nominates_host_with_body",
+            &post("Connection: Host\r\nContent-Length: 5\r\n", "hello"),
+        ),
+        accepted(
+            "connection_nominates_transfer_encoding",
+            &post(
+                "Connection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n",
+                "5\r\nhello\r\n0\r\n\r\n",
+            ),
+            Chunked,
+            b"hello",
+            &[CleanChunks],
+        ),
         accepted(
             "connection_nominates_x_foo",
             &get("Connection: x-foo\r\nx-foo: 1\r\n"),
@@ -767,6 +781,58 @@ fn strays(records: &[RawRequest], cases: &[Case]) -> Vec<String> {
         .filter(|r| !cases.iter().any(|c| belongs(r, c.name)))
         .map(RawRequest::describe)
         .collect()
+}
+
+/// The recording origin itself, with no proxy in between: it must keep what the table relies on
+/// (duplicates, order, raw chunk-size lines, trailers) and never call a broken body complete.
+#[tokio::test]
+async fn the_recording_origin_keeps_requests_byte_exact() {
+    let origin = common::raw_record::RecordingOrigin::start("direct").await;
+    let sent = "POST /a HTTP/1.1\r\nHost: h\r\nX-D: 1\r\nx-d: 2\r\nx-test-id: one\r\nTransfer-Encoding: chunked\r\n\r\n5;e=1\r\nhello\r\n1\r\n!\r\n0\r\nT: v\r\n\r\n\
+                GET /b HTTP/1.1\r\nHost: h\r\nx-test-id: two\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+    let outcome = raw_request(origin.addr, sent.as_bytes(), &[false, false], ANSWER).await;
+    assert_eq!(outcome.responses.len(), 2, "{}", outcome.describe());
+    assert!(String::from_utf8_lossy(&outcome.responses[1].1).contains("two"));
+    let one = &origin.with_id("one")[0];
+    assert_eq!(one.request_line, "POST /a HTTP/1.1");
+    assert_eq!(one.values("x-d"), ["1", "2"]);
+    assert_eq!(one.headers[1], ("X-D".to_string(), "1".to_string()));
+    assert_eq!(
+        (one.framing.clone(), one.body.as_slice()),
+        (Framing::Chunked, &b"hello!"[..])
+    );
+    assert_eq!(one.chunk_lines, ["5;e=1", "1", "0"]);
+    assert_eq!(one.trailers, ["T: v"]);
+    assert!(one.complete);
+    let two = &origin.with_id("two")[0];
+    assert_eq!(
+        (two.framing.clone(), two.body.as_slice()),
+        (Framing::Length(2), &b"ok"[..])
+    );
+    assert_eq!(two.values("content-length"), ["2", "2"]);
+    assert_eq!((two.connection, two.position), (one.connection, 1));
+
+    // A body cut short is recorded, but as incomplete.
+    let cut = "POST /c HTTP/1.1\r\nHost: h\r\nx-test-id: three\r\nContent-Length: 10\r\n\r\nabc";
+    let mut stream = tokio::net::TcpStream::connect(origin.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, cut.as_bytes())
+        .await
+        .unwrap();
+    drop(stream);
+    let deadline = std::time::Instant::now() + ANSWER;
+    while origin.with_id("three").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cut request not recorded"
+        );
+        tokio::task::yield_now().await;
+    }
+    let three = &origin.with_id("three")[0];
+    assert!(
+        !three.complete && three.body.is_empty(),
+        "{}",
+        three.describe()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -239,10 +239,23 @@ impl RecordingOrigin {
 
     /// Wait until a complete request with test id `id` has arrived; false after `timeout`.
     pub async fn wait_for_id(&self, id: &str, timeout: Duration) -> bool {
+        self.wait_until(
+            |log| log.iter().any(|r| r.id() == Some(id) && r.complete),
+            timeout,
+        )
+        .await
+    }
+
+    /// Wait until the log satisfies `done`; false after `timeout`.
+    pub async fn wait_until(
+        &self,
+        done: impl Fn(&[RawRequest]) -> bool,
+        timeout: Duration,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.log.arrived.notified();
-            if self.with_id(id).iter().any(|r| r.complete) {
+            if done(&self.requests()) {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
