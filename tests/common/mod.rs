@@ -3,6 +3,7 @@
 
 pub mod origin;
 pub mod proxy;
+pub mod raw_record;
 
 use std::net::SocketAddr;
 use std::time::Duration;
