@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use http::Version;
 use http::header::{self, HeaderValue};
 use pingora_http::RequestHeader;
+use pingora_http::authority::{RawTargetAuthority, is_http_family_scheme, raw_target_authority};
 
 use crate::config::RequestKey;
 
@@ -50,12 +51,29 @@ pub fn refusal(req: &RequestHeader, raw_header: Option<&[u8]>) -> Option<&'stati
             _ => {}
         }
     }
+    if !is_valid_target(req) {
+        return Some("request target is not in origin, absolute or asterisk form");
+    }
     if req.headers.contains_key(header::TRANSFER_ENCODING)
         && raw_header.is_some_and(has_content_length_field)
     {
         return Some("both Content-Length and Transfer-Encoding");
     }
     None
+}
+
+/// Whether the target has one of the forms RFC 9112 §3.2 allows for a
+/// request we proxy: `/path`, `scheme://authority/path`, or `*` for OPTIONS.
+/// (CONNECT's authority form is refused by Pingora.)
+fn is_valid_target(req: &RequestHeader) -> bool {
+    let raw = req.raw_path();
+    match raw_target_authority(raw) {
+        RawTargetAuthority::Absolute { scheme, .. } => is_http_family_scheme(scheme),
+        RawTargetAuthority::AmbiguousAuthority => false,
+        RawTargetAuthority::None => {
+            raw.starts_with(b"/") || (raw == b"*" && req.method == http::Method::OPTIONS)
+        }
+    }
 }
 
 /// Whether raw HTTP/1 header bytes carry a `Content-Length` field line.
@@ -88,10 +106,27 @@ pub fn normalize_upstream(req: &mut RequestHeader) {
             let _ = req.insert_header(header::CONTENT_LENGTH, value);
         }
     }
-    if req.uri.authority().is_some()
-        && let Some(origin_form) = req.uri.path_and_query().cloned()
+    if let RawTargetAuthority::Absolute {
+        authority,
+        path_and_query,
+        ..
+    } = raw_target_authority(req.raw_path())
     {
-        req.set_uri(http::Uri::from(origin_form));
+        let mut origin_form = Vec::with_capacity(path_and_query.len() + 1);
+        if !path_and_query.starts_with(b"/") {
+            origin_form.push(b'/');
+        }
+        origin_form.extend_from_slice(path_and_query);
+        // Pingora refused a Host that differs from the authority; an HTTP/1.0
+        // request may have none, and then the authority becomes the Host.
+        let host = (!req.headers.contains_key(header::HOST))
+            .then(|| HeaderValue::from_bytes(authority))
+            .and_then(Result::ok);
+        if req.set_raw_path(&origin_form).is_ok()
+            && let Some(host) = host
+        {
+            let _ = req.insert_header(header::HOST, host);
+        }
     }
 }
 
@@ -200,6 +235,13 @@ mod tests {
         assert!(refusal(&req, Some(raw)).is_some());
         let raw = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(refusal(&req, Some(raw)), None);
+        let odd = RequestHeader::build("GET", b"%20/g", None).unwrap();
+        assert!(refusal(&odd, None).is_some());
+        let star = RequestHeader::build("OPTIONS", b"*", None).unwrap();
+        assert!(!is_valid_target(
+            &RequestHeader::build("GET", b"*", None).unwrap()
+        ));
+        assert!(is_valid_target(&star));
         req.set_version(Version::HTTP_10);
         req.remove_header("host");
         assert_eq!(refusal(&req, Some(raw)), None, "HTTP/1.0 needs no Host");
@@ -217,7 +259,11 @@ mod tests {
 
         let mut req = RequestHeader::build("GET", b"http://a.example/x?y=1", None).unwrap();
         normalize_upstream(&mut req);
-        assert_eq!(req.uri.to_string(), "/x?y=1");
+        assert_eq!(req.raw_path(), b"/x?y=1");
+        assert_eq!(req.headers["host"], "a.example");
+        let mut req = RequestHeader::build("GET", b"http://a.example?q", None).unwrap();
+        normalize_upstream(&mut req);
+        assert_eq!(req.raw_path(), b"/?q");
     }
 
     #[test]
