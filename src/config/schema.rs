@@ -146,13 +146,13 @@ pub struct HealthCheckConfig {
     pub kind: HealthCheckType,
     /// HTTP checks only: the path to GET.
     #[serde(default)]
-    pub path: Option<String>,
+    pub path: Option<HealthCheckPath>,
     /// HTTP checks only: the status that means healthy.
     #[serde(default)]
     pub expected_status: Option<u16>,
     /// HTTP checks only: the Host header to send.
     #[serde(default)]
-    pub host: Option<String>,
+    pub host: Option<HostHeader>,
     #[serde(default = "default_hc_interval")]
     pub interval_ms: u64,
     #[serde(default = "default_hc_timeout")]
@@ -176,9 +176,15 @@ fn default_threshold() -> u32 {
 }
 
 impl HealthCheckConfig {
-    pub fn http_path(&self) -> &str {
-        self.path.as_deref().unwrap_or("/")
+    /// The path to GET: the configured one, or `/` when the key is absent.
+    pub fn http_path(&self) -> HealthCheckPath {
+        self.path.clone().unwrap_or_else(HealthCheckPath::root)
     }
+    /// The Host to send: the configured one, or `localhost` when the key is absent.
+    pub fn http_host(&self) -> HostHeader {
+        self.host.clone().unwrap_or_else(HostHeader::localhost)
+    }
+    /// The healthy status: the configured one, or 200 when the key is absent.
     pub fn http_expected_status(&self) -> u16 {
         self.expected_status.unwrap_or(200)
     }
@@ -193,7 +199,7 @@ pub struct RouteConfig {
     pub upstream: String,
     /// Rewrite the Host header sent to the primary; unchanged by default.
     #[serde(default)]
-    pub upstream_host: Option<String>,
+    pub upstream_host: Option<HostHeader>,
     #[serde(default)]
     pub mirrors: Vec<MirrorConfig>,
 }
@@ -204,7 +210,7 @@ pub struct MatchConfig {
     #[serde(default)]
     pub host: Option<HostPattern>,
     #[serde(default)]
-    pub path_prefix: Option<String>,
+    pub path_prefix: Option<PathPrefix>,
     #[serde(default)]
     pub methods: Option<Vec<MethodName>>,
 }
@@ -230,16 +236,16 @@ pub struct MirrorConfig {
     pub request_headers: HeaderEdits,
     /// Host header for the shadow request; unchanged by default.
     #[serde(default)]
-    pub host: Option<String>,
+    pub host: Option<HostHeader>,
     /// Add `x-shadowgate-mirror: 1` so the shadow can tell mirrored traffic apart.
     #[serde(default = "default_true")]
     pub mark_header: bool,
 }
 
 fn default_mirror_methods() -> Vec<MethodName> {
-    ["GET", "HEAD", "OPTIONS"]
-        .iter()
-        .map(|m| MethodName(Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET)))
+    [Method::GET, Method::HEAD, Method::OPTIONS]
+        .into_iter()
+        .map(MethodName)
         .collect()
 }
 fn default_max_body() -> u64 {
@@ -262,7 +268,7 @@ fn default_true() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct HeaderEdits {
     #[serde(default)]
-    pub set: BTreeMap<String, String>,
+    pub set: HeaderSet,
     #[serde(default)]
-    pub remove: Vec<String>,
+    pub remove: Vec<ValidHeaderName>,
 }

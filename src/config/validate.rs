@@ -107,14 +107,6 @@ impl Config {
                     format!("unknown upstream {:?} (known: {})", route.upstream, known()),
                 ));
             }
-            if let Some(prefix) = &route.matcher.path_prefix
-                && !prefix.starts_with('/')
-            {
-                return Err(ConfigError::new(
-                    format!("{at}.match.path_prefix"),
-                    format!("{prefix:?} must start with '/'"),
-                ));
-            }
             if let Some(methods) = &route.matcher.methods
                 && methods.is_empty()
             {
@@ -262,14 +254,6 @@ fn validate_health_check(at: &str, hc: &HealthCheckConfig) -> Result<(), ConfigE
             }
         }
     }
-    if let Some(path) = &hc.path
-        && !path.starts_with('/')
-    {
-        return Err(ConfigError::new(
-            format!("{at}.path"),
-            format!("{path:?} must start with '/'"),
-        ));
-    }
     if let Some(status) = hc.expected_status {
         check_range(&format!("{at}.expected_status"), status as u64, 100, 599)?;
     }
@@ -315,36 +299,6 @@ fn validate_mirror(at: &str, mirror: &MirrorConfig, budget: u64) -> Result<(), C
         1,
         1_000_000,
     )?;
-    for (name, value) in &mirror.request_headers.set {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::new(
-                format!("{at}.request_headers.set"),
-                format!("{name:?} is not a valid header name"),
-            ));
-        }
-        if http::HeaderValue::from_str(value).is_err() {
-            return Err(ConfigError::new(
-                format!("{at}.request_headers.set.{name}"),
-                format!("{value:?} is not a valid header value (printable ASCII only)"),
-            ));
-        }
-    }
-    for (i, name) in mirror.request_headers.remove.iter().enumerate() {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::new(
-                format!("{at}.request_headers.remove[{i}]"),
-                format!("{name:?} is not a valid header name"),
-            ));
-        }
-    }
-    if let Some(host) = &mirror.host
-        && http::HeaderValue::from_str(host).is_err()
-    {
-        return Err(ConfigError::new(
-            format!("{at}.host"),
-            format!("{host:?} is not a valid Host header value"),
-        ));
-    }
     Ok(())
 }
 
