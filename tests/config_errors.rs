@@ -614,13 +614,21 @@ fn invalid_upstream_host_is_refused_not_dropped() {
     );
 }
 
+/// A mirror's Host must be a host (with an optional port), not just any header value.
 #[test]
 fn invalid_mirror_host_is_refused() {
-    let error = expect_refused_by_check_and_start(&with_mirror_keys(r#"host: "v2\r\nx-evil: 1""#));
-    assert!(
-        error.starts_with(r#"routes[0].mirrors[0].host: "v2\r\nx-evil: 1" is not a valid Host"#),
-        "{error}"
-    );
+    for (yaml, shown) in [
+        (r#""app v2""#, r#""app v2""#),
+        (r#""v2\r\nx-evil: 1""#, r#""v2\r\nx-evil: 1""#),
+    ] {
+        let error = expect_refused_by_check_and_start(&with_mirror_keys(&format!("host: {yaml}")));
+        assert!(
+            error.starts_with(&format!(
+                "routes[0].mirrors[0].host: {shown} is not a valid Host: "
+            )),
+            "{error}"
+        );
+    }
 }
 
 #[test]
