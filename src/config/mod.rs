@@ -1,5 +1,6 @@
-//! The configuration file: shadowgate's YAML schema, its defaults and its validation.
-//! One file holds Pingora's server keys and shadowgate's sections; `load` turns it into a checked model.
+//! The configuration file: one YAML file holds Pingora's server keys and shadowgate's sections.
+//! `load` parses every value into its runtime type (`values`) inside the section structs
+//! (`schema`), then checks rules across fields (`validate`): what `-t` accepts, the server can build.
 
 mod error;
 mod runtime_dir;
@@ -160,7 +161,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    pub(super) const MINIMAL: &str = r#"
 listeners: [{ address: "127.0.0.1:8080" }]
 upstreams:
   app: { servers: [{ address: "127.0.0.1:9000" }] }
@@ -168,7 +169,7 @@ routes:
   - { name: all, upstream: app }
 "#;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
         text.parse()
     }
 
@@ -181,16 +182,6 @@ routes:
         assert_eq!(config.mirror_budget_bytes, DEFAULT_MIRROR_BUDGET_BYTES);
         assert!(config.metrics.is_none());
         assert!(!config.server.upgrade_sock.starts_with("/tmp/pingora"));
-    }
-
-    #[test]
-    fn unknown_upstream_names_the_known_ones() {
-        let text = MINIMAL.replace("upstream: app }", "upstream: ap }");
-        let err = parse(&text).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "routes[0].upstream: unknown upstream \"ap\" (known: app)"
-        );
     }
 
     #[test]
@@ -221,16 +212,6 @@ routes:
     }
 
     #[test]
-    fn a_server_listed_twice_is_an_error() {
-        let text = MINIMAL.replace(
-            "servers: [{ address: \"127.0.0.1:9000\" }]",
-            "servers: [{ address: \"127.0.0.1:9000\" }, { address: \"127.0.0.1:9000\" }]",
-        );
-        let err = parse(&text).unwrap_err();
-        assert_eq!(err.path, "upstreams.app.servers[1].address");
-    }
-
-    #[test]
     fn misspelt_top_level_keys_get_a_suggestion() {
         let err = parse(&format!("{MINIMAL}\nlistener: []\n")).unwrap_err();
         assert!(err.message.contains("did you mean \"listeners\"?"), "{err}");
@@ -250,11 +231,5 @@ routes:
     fn errors_stay_on_one_line() {
         let err = parse(&format!("{MINIMAL}\n\"list\\ners\": []\n")).unwrap_err();
         assert!(!err.to_string().contains('\n'), "{err}");
-    }
-
-    #[test]
-    fn tmp_is_not_private() {
-        let err = parse(&format!("{MINIMAL}\nupgrade_sock: /tmp/sg.sock\n")).unwrap_err();
-        assert_eq!(err.path, "upgrade_sock");
     }
 }

@@ -94,3 +94,14 @@ pub fn prepare_runtime_dirs(server: &ServerConf) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{MINIMAL, parse};
+
+    #[test]
+    fn tmp_is_not_private() {
+        let err = parse(&format!("{MINIMAL}\nupgrade_sock: /tmp/sg.sock\n")).unwrap_err();
+        assert_eq!(err.path, "upgrade_sock");
+    }
+}

@@ -333,3 +333,28 @@ fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
     }
     Ok(addrs)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{MINIMAL, parse};
+
+    #[test]
+    fn unknown_upstream_names_the_known_ones() {
+        let text = MINIMAL.replace("upstream: app }", "upstream: ap }");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "routes[0].upstream: unknown upstream \"ap\" (known: app)"
+        );
+    }
+
+    #[test]
+    fn a_server_listed_twice_is_an_error() {
+        let text = MINIMAL.replace(
+            "servers: [{ address: \"127.0.0.1:9000\" }]",
+            "servers: [{ address: \"127.0.0.1:9000\" }, { address: \"127.0.0.1:9000\" }]",
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.path, "upstreams.app.servers[1].address");
+    }
+}
