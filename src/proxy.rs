@@ -61,22 +61,18 @@ impl ShadowGate {
     ) -> Self {
         let mut routes = Vec::new();
         for route in &config.routes {
-            // Validation guarantees every referenced pool exists.
-            let Some(pool) = pools.get(&route.upstream) else {
-                continue;
-            };
+            let pool = pools.referenced(&route.upstream);
             let mirrors: Vec<Arc<Mirror>> = route
                 .mirrors
                 .iter()
-                .filter_map(|m| {
-                    let pool = pools.get(&m.upstream)?;
-                    Some(Arc::new(Mirror::new(
+                .map(|m| {
+                    Arc::new(Mirror::new(
                         &route.name,
                         m,
-                        pool,
+                        pools.referenced(&m.upstream),
                         metrics,
                         mirror_runtime.clone(),
-                    )))
+                    ))
                 })
                 .collect();
             log_route(route);
@@ -85,8 +81,8 @@ impl ShadowGate {
                 pool,
                 upstream_host: route
                     .upstream_host
-                    .as_deref()
-                    .and_then(|h| HeaderValue::from_str(h).ok()),
+                    .as_ref()
+                    .map(|h| h.header_value().clone()),
                 mirrors,
                 metrics: metrics.route(&route.name),
             };

@@ -17,7 +17,7 @@ impl RouteMatch {
     pub fn from_config(config: &MatchConfig) -> Self {
         RouteMatch {
             host: config.host.clone(),
-            path_prefix: config.path_prefix.clone(),
+            path_prefix: config.path_prefix.as_ref().map(|p| p.as_str().to_string()),
             methods: config
                 .methods
                 .as_ref()

@@ -22,7 +22,8 @@ use pingora_load_balancing::selection::{
 use pingora_load_balancing::{Backend, Backends, LoadBalancer, discovery};
 
 use crate::config::{
-    HealthCheckConfig, HealthCheckType, RequestKey, Selection, UpstreamConfig, UpstreamProtocol,
+    HealthCheckConfig, HealthCheckPath, HealthCheckType, HostHeader, RequestKey, Selection,
+    UpstreamConfig, UpstreamProtocol,
 };
 use crate::metrics::Metrics;
 
@@ -108,6 +109,18 @@ pub struct Pools {
 impl Pools {
     pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
         self.by_name.get(name).cloned()
+    }
+
+    /// The pool a validated config refers to by name.
+    ///
+    /// Validation refuses a route or mirror naming an unknown pool, and `build_pools`
+    /// builds every configured pool, so a miss is a bug in shadowgate: it stops the
+    /// start rather than silently dropping the route or mirror.
+    pub fn referenced(&self, name: &str) -> Arc<Pool> {
+        match self.by_name.get(name) {
+            Some(pool) => pool.clone(),
+            None => panic!("validated config refers to pool {name:?}, which was not built"),
+        }
     }
 }
 
@@ -248,18 +261,14 @@ fn health_check(
             hc
         }
         HealthCheckType::Http => {
-            let host = config.host.as_deref().unwrap_or("localhost");
-            let mut hc = HttpHealthCheck::new(host, false);
+            let host = config.http_host();
+            // `new` unwraps the host as a header value; `HostHeader` is one by construction.
+            let mut hc = HttpHealthCheck::new(host.as_str(), false);
             hc.consecutive_success = config.healthy_threshold as usize;
             hc.consecutive_failure = config.unhealthy_threshold as usize;
             hc.peer_template.options.connection_timeout = Some(timeout);
             hc.peer_template.options.read_timeout = Some(timeout);
-            if let Ok(mut req) = RequestHeader::build("GET", config.http_path().as_bytes(), None) {
-                // Validated at config load: host is a valid header value.
-                let _ = req.insert_header("Host", host);
-                let _ = req.insert_header("User-Agent", "shadowgate-health-check");
-                hc.req = req;
-            }
+            hc.req = health_check_request(config.http_path(), &host);
             let expected = config.http_expected_status();
             hc.validator = Some(Box::new(move |resp| {
                 if resp.status.as_u16() == expected {
@@ -275,6 +284,20 @@ fn health_check(
             Box::new(hc)
         }
     }
+}
+
+/// The GET an HTTP health check sends, built from parsed parts so it cannot fail.
+fn health_check_request(path: HealthCheckPath, host: &HostHeader) -> RequestHeader {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.uri = http::Uri::from(path.0);
+    parts
+        .headers
+        .insert(http::header::HOST, host.header_value().clone());
+    parts.headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("shadowgate-health-check"),
+    );
+    RequestHeader::from(parts)
 }
 
 /// Logs health flips and keeps the per-server health gauge current.

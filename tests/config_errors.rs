@@ -5,11 +5,12 @@
 #[allow(unused_imports)]
 mod common;
 
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::proxy::{binary, private_dir};
+use common::proxy::{binary, free_port, private_dir};
 
 /// A valid configuration; every broken variant below changes exactly one thing in it.
 /// `RUNTIME` stands for the test's private directory.
@@ -188,8 +189,24 @@ fn check(config: &str) -> Checked {
 }
 
 fn run_check(config: &Path, runtime_dir: &Path) -> Checked {
+    run_binary(&["-t"], config, runtime_dir, None)
+}
+
+/// Start shadowgate for real on `config`. A start that gets as far as accepting on
+/// `listener` is reported as a success (and stopped), so a config that should have
+/// been refused fails the test at once instead of running until the deadline.
+fn run_start(config: &Path, runtime_dir: &Path, listener: SocketAddr) -> Checked {
+    run_binary(&[], config, runtime_dir, Some(listener))
+}
+
+fn run_binary(
+    args: &[&str],
+    config: &Path,
+    runtime_dir: &Path,
+    listener: Option<SocketAddr>,
+) -> Checked {
     let mut child = Command::new(binary())
-        .arg("-t")
+        .args(args)
         .arg("-c")
         .arg(config)
         .env("XDG_RUNTIME_DIR", runtime_dir)
@@ -198,25 +215,32 @@ fn run_check(config: &Path, runtime_dir: &Path) -> Checked {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn shadowgate -t");
+        .expect("spawn shadowgate");
     // A config check is instant; a hang is a bug, not something to wait out.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if child.try_wait().expect("wait for shadowgate -t").is_some() {
+        if child.try_wait().expect("wait for shadowgate").is_some() {
+            break;
+        }
+        if let Some(addr) = listener
+            && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+        {
+            // It started: stop it and report what it said so far.
+            let _ = child.kill();
             break;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "shadowgate -t -c {} did not finish within 20 s",
+                "shadowgate {args:?} -c {} did not finish within 20 s",
                 config.display()
             );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // The process has exited and its output is tiny: reading the pipes cannot block.
-    let output = child.wait_with_output().expect("read shadowgate -t output");
+    // The process has exited (or been killed) and its output is small: reading the pipes cannot block.
+    let output = child.wait_with_output().expect("read shadowgate output");
     Checked {
         success: output.status.success(),
         code: output.status.code(),
@@ -229,7 +253,12 @@ fn run_check(config: &Path, runtime_dir: &Path) -> Checked {
 /// Run a broken config; it must fail with exactly one stderr line. Returns that line after
 /// the `shadowgate: invalid configuration FILE: ` prefix: `field.path: message`.
 fn expect_error(config: &str) -> String {
-    let checked = check(config);
+    one_line_error(&check(config), config)
+}
+
+/// The error line of a refused config, after asserting exit code 2, nothing on stdout
+/// and exactly one line on stderr.
+fn one_line_error(checked: &Checked, config: &str) -> String {
     assert!(
         !checked.success,
         "a broken config passed the check:\n{config}\nstdout: {}",
@@ -503,4 +532,169 @@ fn field_paths_reach_the_field_in_custom_value_types() {
 fn key_names_with_line_breaks_stay_on_one_line() {
     expect_error(&VALID.replacen("listeners:\n", "\"list\\ners\": []\nlisteners:\n", 1));
     expect_error(&VALID.replacen("  app-v2:\n", "  \"app\\nv2\":\n", 1));
+}
+
+/// Refuse `config` both ways: `shadowgate -t` and a real start must exit with code 2 and
+/// the same one line. The listener and metrics get free ports, so a start that wrongly
+/// succeeds is seen at once and never collides with another test.
+fn expect_refused_by_check_and_start(config: &str) -> String {
+    let dir = private_dir();
+    let listener = free_port();
+    let text = config
+        .replace("RUNTIME", &dir.path().display().to_string())
+        .replace("127.0.0.1:18080", &listener.to_string())
+        .replace("127.0.0.1:19091", &free_port().to_string());
+    let path = dir.path().join("shadowgate.yaml");
+    std::fs::write(&path, &text).expect("write config");
+    let checked = one_line_error(&run_check(&path, dir.path()), &text);
+    let started = one_line_error(&run_start(&path, dir.path(), listener), &text);
+    assert_eq!(checked, started, "-t and a real start disagree");
+    checked
+}
+
+/// `VALID` with `from` (which occurs exactly once) replaced by `to`.
+fn with(from: &str, to: &str) -> String {
+    assert_eq!(VALID.matches(from).count(), 1, "{from:?}");
+    VALID.replacen(from, to, 1)
+}
+
+/// The app pool with a health check of the given keys.
+fn with_health_check(keys: &str) -> String {
+    with(
+        "    selection: round_robin\n",
+        &format!("    selection: round_robin\n    health_check: {{ type: http, {keys} }}\n"),
+    )
+}
+
+/// The api route's mirror with extra keys.
+fn with_mirror_keys(keys: &str) -> String {
+    with(
+        "{ upstream: app-v2, percentage: 25 }",
+        &format!("{{ upstream: app-v2, percentage: 25, {keys} }}"),
+    )
+}
+
+/// Pingora's HTTP health check unwraps its Host as a header value: a line break there
+/// used to pass `-t` and then panic at startup.
+#[test]
+fn health_check_host_with_a_line_break_is_refused_before_start() {
+    let error = expect_refused_by_check_and_start(&with_health_check(r#"host: "bad\nhost""#));
+    assert!(
+        error.starts_with(r#"upstreams.app.health_check.host: "bad\nhost" is not a valid Host"#),
+        "{error}"
+    );
+}
+
+#[test]
+fn health_check_path_must_be_an_origin_form_path() {
+    for (path, why) in [
+        ("healthz", "must start with '/'"),
+        ("\"/health z\"", "contains ' '; percent-encode it"),
+        ("\"/health\\x01\"", "contains '\\u{1}'; percent-encode it"),
+        ("\"/health#x\"", "contains '#'"),
+    ] {
+        let error = expect_refused_by_check_and_start(&with_health_check(&format!("path: {path}")));
+        assert!(
+            error.starts_with("upstreams.app.health_check.path: ") && error.contains(why),
+            "{path}: {error}"
+        );
+    }
+}
+
+/// An invalid Host rewrite used to be dropped silently: the route sent the client's Host.
+#[test]
+fn invalid_upstream_host_is_refused_not_dropped() {
+    let error = expect_refused_by_check_and_start(&with(
+        "  - name: default\n    upstream: app\n",
+        "  - name: default\n    upstream: app\n    upstream_host: \"app internal\"\n",
+    ));
+    assert!(
+        error.starts_with(r#"routes[1].upstream_host: "app internal" is not a valid Host"#),
+        "{error}"
+    );
+}
+
+/// A mirror's Host must be a host (with an optional port), not just any header value.
+#[test]
+fn invalid_mirror_host_is_refused() {
+    for (yaml, shown) in [
+        (r#""app v2""#, r#""app v2""#),
+        (r#""v2\r\nx-evil: 1""#, r#""v2\r\nx-evil: 1""#),
+    ] {
+        let error = expect_refused_by_check_and_start(&with_mirror_keys(&format!("host: {yaml}")));
+        assert!(
+            error.starts_with(&format!(
+                "routes[0].mirrors[0].host: {shown} is not a valid Host: "
+            )),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn invalid_mirror_header_edits_are_refused() {
+    let error = expect_refused_by_check_and_start(&with_mirror_keys(
+        r#"request_headers: { set: { "bad name": x } }"#,
+    ));
+    assert!(
+        error.starts_with("routes[0].mirrors[0].request_headers.set")
+            && error.contains(r#""bad name" is not a valid header name"#),
+        "{error}"
+    );
+    let error = expect_refused_by_check_and_start(&with_mirror_keys(
+        r#"request_headers: { set: { x-env: "a\nb" } }"#,
+    ));
+    assert!(
+        error.starts_with(
+            r#"routes[0].mirrors[0].request_headers.set.x-env: "a\nb" is not a valid header value"#
+        ),
+        "{error}"
+    );
+    let error = expect_refused_by_check_and_start(&with_mirror_keys(
+        r#"request_headers: { set: { X-Env: a, x-env: b } }"#,
+    ));
+    assert!(error.contains("\"x-env\" is listed twice"), "{error}");
+    let error = expect_refused_by_check_and_start(&with_mirror_keys(
+        r#"request_headers: { remove: [cookie, "bad:name"] }"#,
+    ));
+    assert!(
+        error.starts_with(r#"routes[0].mirrors[0].request_headers.remove[1]: "bad:name" is not a valid header name"#),
+        "{error}"
+    );
+}
+
+#[test]
+fn path_prefix_must_start_with_a_slash() {
+    let error = expect_refused_by_check_and_start(&with(
+        "match: { path_prefix: /api }",
+        "match: { path_prefix: api }",
+    ));
+    assert!(
+        error.starts_with(r#"routes[0].match.path_prefix: "api" must start with '/'"#),
+        "{error}"
+    );
+    let error = expect_refused_by_check_and_start(&with(
+        "match: { path_prefix: /api }",
+        "match: { path_prefix: \"/a pi\" }",
+    ));
+    assert!(
+        error.starts_with("routes[0].match.path_prefix: ") && error.contains("percent-encode"),
+        "{error}"
+    );
+}
+
+/// The valid base config, started for real through the same harness: proves a start that
+/// succeeds is seen as one, so the refusals above are not an artefact of the harness.
+#[test]
+fn the_valid_base_config_starts() {
+    let dir = private_dir();
+    let listener = free_port();
+    let text = VALID
+        .replace("RUNTIME", &dir.path().display().to_string())
+        .replace("127.0.0.1:18080", &listener.to_string())
+        .replace("127.0.0.1:19091", &free_port().to_string());
+    let path = dir.path().join("shadowgate.yaml");
+    std::fs::write(&path, &text).expect("write config");
+    let started = run_start(&path, dir.path(), listener);
+    assert!(started.code.is_none(), "did not start: {}", started.stderr);
 }

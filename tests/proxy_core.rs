@@ -62,6 +62,25 @@ routes:
     wait_responses(&proxy, "no_route", 404, 1.0).await;
 }
 
+/// `upstream_host` replaces the client's Host on the way to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_host_rewrites_the_host_sent_to_the_primary() {
+    let origin = Origin::start(OriginOptions::named("app")).await;
+    let proxy = Proxy::start(&format!(
+        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app, upstream_host: \"app.internal:8080\" }}\n",
+        pool("app", &[origin.addr], "")
+    ))
+    .await;
+    client()
+        .get(proxy.url("/x"))
+        .header("host", "shop.example")
+        .send()
+        .await
+        .unwrap();
+    let seen = &origin.wait_for(1, WAIT).await[0];
+    assert_eq!(seen.header("host"), Some("app.internal:8080"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_host_and_adds_forwarding_headers() {
     let origin = Origin::start(OriginOptions::named("app")).await;
@@ -217,6 +236,23 @@ async fn http_health_check_ejects_a_failing_server_and_readmits_it() {
         "a recovered server gets its share: {counts:?}"
     );
     proxy.wait_for_log("is healthy again", WAIT).await;
+}
+
+/// The check request is built from the parsed path and Host at load: it must carry
+/// exactly what the config says. (The origin does not record `/healthz`, hence `/check`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_check_sends_the_configured_path_and_host() {
+    let origin = Origin::start(OriginOptions::named("a")).await;
+    let _proxy = proxy_to_pool(
+        &[origin.addr],
+        "    health_check: { type: http, path: \"/check?deep=1\", host: \"health.internal:8080\", interval_ms: 100 }\n",
+    )
+    .await;
+    let check = &origin.wait_for(1, WAIT).await[0];
+    assert_eq!(check.method, "GET");
+    assert_eq!(check.uri, "/check?deep=1");
+    assert_eq!(check.header("host"), Some("health.internal:8080"));
+    assert_eq!(check.header("user-agent"), Some("shadowgate-health-check"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,23 +135,12 @@ impl Mirror {
         metrics: &Metrics,
         runtime: Arc<MirrorRuntime>,
     ) -> Self {
-        // Names and values were validated when the config was loaded.
-        let set_headers = config
-            .request_headers
-            .set
-            .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    HeaderName::from_bytes(k.as_bytes()).ok()?,
-                    HeaderValue::from_str(v).ok()?,
-                ))
-            })
-            .collect();
+        // Names, values and host were parsed into header types when the config was loaded.
         let remove_headers = config
             .request_headers
             .remove
             .iter()
-            .filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok())
+            .map(|name| name.0.clone())
             .collect();
         Mirror {
             route: route.to_string(),
@@ -162,12 +151,9 @@ impl Mirror {
             queue_bytes: config.queue_bytes,
             timeout: Duration::from_millis(config.timeout_ms),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight as usize)),
-            set_headers,
+            set_headers: config.request_headers.set.0.clone(),
             remove_headers,
-            host: config
-                .host
-                .as_deref()
-                .and_then(|h| HeaderValue::from_str(h).ok()),
+            host: config.host.as_ref().map(|h| h.header_value().clone()),
             mark_header: config.mark_header,
             metrics: metrics.mirror(route, &pool.name),
             pool,
