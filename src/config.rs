@@ -11,6 +11,9 @@ use http::Method;
 use pingora_core::server::configuration::ServerConf;
 use serde::Deserialize;
 
+pub use crate::access_log::AccessLogConfig;
+pub use crate::tls::TlsConfig;
+
 /// Default budget for all queued shadow bytes of the process together (64 MiB).
 pub const DEFAULT_MIRROR_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -27,7 +30,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
@@ -90,6 +93,8 @@ pub struct Config {
     pub mirror_budget_bytes: u64,
     /// Worker threads for shadow sessions; 0 runs them on the proxy's threads.
     pub mirror_threads: u32,
+    /// One JSON line per request; off when absent.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// shadowgate's own top-level sections; Pingora's keys sit beside them in the same file.
@@ -107,6 +112,8 @@ struct Sections {
     mirror_budget_bytes: u64,
     #[serde(default = "default_mirror_threads")]
     mirror_threads: u32,
+    #[serde(default)]
+    access_log: Option<AccessLogConfig>,
 }
 
 const SHADOWGATE_KEYS: &[&str] = &[
@@ -116,6 +123,7 @@ const SHADOWGATE_KEYS: &[&str] = &[
     "metrics",
     "mirror_budget_bytes",
     "mirror_threads",
+    "access_log",
 ];
 
 fn default_mirror_budget() -> u64 {
@@ -130,6 +138,12 @@ fn default_mirror_threads() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: Address,
+    /// Terminate TLS here (HTTP/2 offered by ALPN unless `tls.h2: false`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Also accept cleartext HTTP/2 by prior knowledge on this (non-TLS) port.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -576,6 +590,7 @@ impl FromStr for Config {
             metrics: sections.metrics,
             mirror_budget_bytes: sections.mirror_budget_bytes,
             mirror_threads: sections.mirror_threads,
+            access_log: sections.access_log,
         };
         apply_private_runtime_dir(&mut config.server, &mapping);
         config.validate()?;
@@ -604,7 +619,8 @@ impl Config {
             ));
         }
         let mut seen = HashSet::new();
-        for (i, listener) in self.listeners.iter().enumerate() {
+        for (i, listener) in self.listeners.iter_mut().enumerate() {
+            listener.load_tls(&format!("listeners[{i}]"))?;
             if !seen.insert(listener.address) {
                 return Err(ConfigError::new(
                     format!("listeners[{i}].address"),
@@ -639,6 +655,9 @@ impl Config {
             u64::MAX / 2,
         )?;
         check_range("mirror_threads", self.mirror_threads as u64, 0, 256)?;
+        if let Some(access_log) = &self.access_log {
+            access_log.check("access_log")?;
+        }
         self.validate_routes()
     }
 

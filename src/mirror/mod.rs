@@ -72,6 +72,25 @@ impl AbandonReason {
     }
 }
 
+/// How a mirror treated one request, as known when the primary ends (for the access log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    NotSampled,
+    /// A shadow was started; how it ends is its own (see the mirror metrics).
+    Sampled,
+    Abandoned(AbandonReason),
+}
+
+impl std::fmt::Display for MirrorOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MirrorOutcome::NotSampled => f.write_str("not_sampled"),
+            MirrorOutcome::Sampled => f.write_str("sampled"),
+            MirrorOutcome::Abandoned(reason) => write!(f, "abandoned:{}", reason.as_str()),
+        }
+    }
+}
+
 /// What every mirror of the process shares: one connection pool to shadow
 /// upstreams and one budget for queued bytes.
 pub struct MirrorRuntime {
@@ -245,6 +264,8 @@ impl Mirror {
             account,
             delivered: 0,
             open: true,
+            slot: 0,
+            abandoned: None,
         };
         if body == RequestBody::Empty {
             // No body filter call is guaranteed for an empty body (an HTTP/2
@@ -328,6 +349,10 @@ struct Tap {
     /// Body bytes already handed to the shadow, counted from the start of the body.
     delivered: u64,
     open: bool,
+    /// This tap's entry in `MirrorTee::outcomes`.
+    slot: usize,
+    /// Why the primary side gave this shadow up, if it did.
+    abandoned: Option<AbandonReason>,
 }
 
 impl Tap {
@@ -359,6 +384,7 @@ impl Tap {
     fn abandon(&mut self, reason: AbandonReason) {
         self.abort.trigger(reason);
         self.open = false;
+        self.abandoned.get_or_insert(reason);
     }
 }
 
@@ -369,6 +395,8 @@ pub struct MirrorTee {
     /// Body offset of the next chunk in the current primary attempt. A retry
     /// replays the body from the start, so this resets while `delivered` does not.
     attempt_offset: u64,
+    /// Each mirror of the route and what it did with this request.
+    outcomes: Vec<(Arc<Mirror>, MirrorOutcome)>,
 }
 
 impl MirrorTee {
@@ -385,11 +413,24 @@ impl MirrorTee {
         }
         for mirror in mirrors {
             if !mirror.wants(req, client_ip) {
+                let outcome = match mirror.methods.contains(&req.method) {
+                    true => MirrorOutcome::NotSampled,
+                    false => MirrorOutcome::Abandoned(AbandonReason::Method),
+                };
+                tee.outcomes.push((mirror.clone(), outcome));
                 continue;
             }
             match mirror.start(req, client_ip, body) {
-                Ok(tap) => tee.taps.push(tap),
-                Err(reason) => mirror.abandoned(reason),
+                Ok(mut tap) => {
+                    tap.slot = tee.outcomes.len();
+                    tee.outcomes.push((mirror.clone(), MirrorOutcome::Sampled));
+                    tee.taps.push(tap);
+                }
+                Err(reason) => {
+                    mirror.abandoned(reason);
+                    tee.outcomes
+                        .push((mirror.clone(), MirrorOutcome::Abandoned(reason)));
+                }
             }
         }
         tee
@@ -439,7 +480,28 @@ impl MirrorTee {
         for tap in self.taps.iter_mut().filter(|t| t.open) {
             tap.abandon(AbandonReason::PrimaryAborted);
         }
+        for tap in &self.taps {
+            if let (Some(reason), Some(entry)) = (tap.abandoned, self.outcomes.get_mut(tap.slot)) {
+                entry.1 = MirrorOutcome::Abandoned(reason);
+            }
+        }
         self.taps.clear();
+    }
+
+    /// Each mirror of the route (by upstream name) and what it did with this request so far.
+    pub fn outcomes(&self) -> impl Iterator<Item = (&str, MirrorOutcome)> {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .map(|(slot, (mirror, outcome))| {
+                let abandoned = self
+                    .taps
+                    .iter()
+                    .find(|t| t.slot == slot)
+                    .and_then(|t| t.abandoned);
+                let outcome = abandoned.map_or(*outcome, MirrorOutcome::Abandoned);
+                (mirror.upstream_name(), outcome)
+            })
     }
 }
 
