@@ -85,7 +85,10 @@ pub async fn wait_for_json_lines(path: &std::path::Path, n: usize) -> Vec<serde_
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let complete: Vec<&str> = text.split_inclusive('\n').filter(|l| l.ends_with('\n')).collect();
+        let complete: Vec<&str> = text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .collect();
         if complete.len() >= n {
             return complete
                 .iter()

@@ -64,13 +64,17 @@ impl TestCa {
     pub fn issue(&self, stem: &str, names: &[&str], validity: Validity) -> TestCert {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("leaf params");
-        params.distinguished_name.push(DnType::CommonName, &names[0]);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, &names[0]);
         if validity == Validity::Expired {
             params.not_before = date_time_ymd(2020, 1, 1);
             params.not_after = date_time_ymd(2021, 1, 1);
         }
         let key = KeyPair::generate().expect("leaf key");
-        let leaf = params.signed_by(&key, &self.issuer).expect("leaf certificate");
+        let leaf = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
         let cert = self.dir.join(format!("{stem}.pem"));
         let key_path = self.dir.join(format!("{stem}.key"));
         std::fs::write(&cert, leaf.pem()).expect("write leaf");
@@ -95,7 +99,14 @@ pub struct Curl {
 /// Run curl with `args` (never through a proxy; bounded time).
 pub async fn curl(args: &[&str]) -> Curl {
     let run = tokio::process::Command::new("curl")
-        .args(["--silent", "--show-error", "--noproxy", "*", "--max-time", "10"])
+        .args([
+            "--silent",
+            "--show-error",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+        ])
         .args(args)
         .kill_on_drop(true)
         .output();
