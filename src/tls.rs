@@ -325,6 +325,56 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
 
+    /// A leaf for `names` (the first is the CN), loaded as shadowgate loads it.
+    fn certificate(names: &[&str]) -> Certificate {
+        let dir = tempfile::tempdir().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let files = CertificateFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("c.key"),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        Certificate::load(&files, "t").unwrap()
+    }
+
+    #[test]
+    fn sni_prefers_exact_names_then_wildcards_then_the_default() {
+        let first = certificate(&["a.test"]);
+        let wild = certificate(&["*.b.test", "x.test"]);
+        let exact = certificate(&["one.b.test", "a.test"]);
+        let keys: Vec<Arc<CertifiedKey>> = [&first, &wild, &exact]
+            .iter()
+            .map(|c| c.key.clone())
+            .collect();
+        let resolver = SniResolver::new(vec![first, wild, exact]);
+        let picked = |name: Option<&str>| {
+            let key = resolver.pick(name);
+            keys.iter().position(|k| Arc::ptr_eq(k, key)).unwrap()
+        };
+        assert_eq!(
+            picked(Some("a.test")),
+            0,
+            "the first listed wins a shared name"
+        );
+        assert_eq!(picked(Some("two.b.test")), 1);
+        assert_eq!(picked(Some("TWO.B.test")), 1, "names are case-insensitive");
+        assert_eq!(picked(Some("one.b.test")), 2, "exact beats wildcard");
+        assert_eq!(
+            picked(Some("b.test")),
+            0,
+            "a wildcard does not cover its parent"
+        );
+        assert_eq!(picked(Some("deep.two.b.test")), 0, "nor two levels down");
+        assert_eq!(picked(Some("x.test")), 1);
+        assert_eq!(picked(Some("unknown.test")), 0);
+        assert_eq!(picked(None), 0);
+    }
+
     #[test]
     fn dates_format_as_rfc3339() {
         assert_eq!(unix_to_rfc3339(0), "1970-01-01T00:00:00Z");

@@ -808,3 +808,84 @@ async fn an_expired_certificate_warns_but_serves() {
     let out = curl_tls(&certs, &proxy, "site.test", "/api/", &[]).await;
     assert_answered(&out, "2");
 }
+
+// ---------------------------------------------------------------- certificate renewal
+
+/// Kills a spawned process when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for_line(path: &Path, needle: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in {}:\n{text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_after_check_and_upgrade() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let proxy = Proxy::start_with_listener(
+        &certs.listener(&[&certs.site], ""),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+    let seen = curl_tls(&certs, &proxy, "site.test", "/api/", &["-v"]).await;
+    assert_eq!(presented_cn(&seen.stderr).as_deref(), Some("site.test"));
+
+    // Renew in place: same files, a new certificate (told apart by its CN).
+    let renewed = certs
+        .ca
+        .issue("renewed", &["renewed.test", "site.test"], Validity::Current);
+    std::fs::copy(&renewed.cert, &certs.site.cert).unwrap();
+    std::fs::copy(&renewed.key, &certs.site.key).unwrap();
+    let config = proxy.config_path.as_os_str();
+    let check = run_to_end(&[OsStr::new("-t"), OsStr::new("-c"), config]);
+    assert!(check.status.success(), "{check:?}");
+
+    // The usual zero-downtime upgrade: a new process with -u, then SIGQUIT to the old one.
+    let new_log = proxy.dir().join("new.log");
+    let _new = Reaped(common::proxy::spawn(&proxy.config_path, &new_log, &["-u"]));
+    let upgrade_sock = proxy.dir().join("upgrade.sock");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !upgrade_sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no upgrade socket");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let quit = std::process::Command::new("kill")
+        .args(["-QUIT", &proxy.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    wait_for_line(&new_log, "Bootstrap done").await;
+    // The old process may accept a few more connections before it lets go; then only the new one does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = curl_tls(&certs, &proxy, "site.test", "/api/", &["-v"]).await;
+        assert_answered(&seen, "2");
+        if presented_cn(&seen.stderr).as_deref() == Some("renewed.test") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still the old certificate: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
