@@ -35,17 +35,28 @@ pub fn is_valid(id: &[u8]) -> bool {
 }
 
 /// A new id: 16 hex digits random per process, `-`, then a counter in hex.
+/// Built on the stack: the header value is the only allocation.
 pub fn generate() -> HeaderValue {
-    static PREFIX: OnceLock<String> = OnceLock::new();
+    static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| format!("{:016x}", process_random()));
+    let prefix = *PREFIX.get_or_init(process_random);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut text = String::with_capacity(prefix.len() + 17);
-    text.push_str(prefix);
-    text.push('-');
-    text.push_str(&format!("{n:x}"));
-    // Hex digits and '-' only.
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    let mut text = [0u8; 33];
+    write_hex(&mut text[..16], prefix);
+    text[16] = b'-';
+    let digits = (16 - n.leading_zeros() as usize / 4).max(1);
+    write_hex(&mut text[17..17 + digits], n);
+    // Hex digits and '-' only: always a valid header value.
+    HeaderValue::from_bytes(&text[..17 + digits])
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// The low `out.len()` hex digits of `value`, most significant first.
+fn write_hex(out: &mut [u8], mut value: u64) {
+    for byte in out.iter_mut().rev() {
+        *byte = b"0123456789abcdef"[(value & 0xf) as usize];
+        value >>= 4;
+    }
 }
 
 /// 64 random bits for this process: std's per-process random hash keys, mixed
@@ -106,5 +117,15 @@ mod tests {
         let prefix = |v: &HeaderValue| v.to_str().unwrap().split('-').next().unwrap().to_string();
         assert_eq!(prefix(&a), prefix(&b));
         assert_eq!(prefix(&a).len(), 16);
+    }
+
+    #[test]
+    fn counters_are_written_in_full_hex() {
+        let mut out = [0u8; 16];
+        write_hex(&mut out, u64::MAX);
+        assert_eq!(&out, b"ffffffffffffffff");
+        let mut out = [0u8; 3];
+        write_hex(&mut out, 0xabc);
+        assert_eq!(&out, b"abc");
     }
 }

@@ -889,3 +889,44 @@ async fn a_renewed_certificate_is_served_after_check_and_upgrade() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_to_stdout_is_one_json_line_per_request() {
+    use tokio::io::AsyncBufReadExt;
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let runtime = common::proxy::private_dir();
+    let config = config_with_listener(runtime.path(), "")
+        .replace("\"127.0.0.1:9\"", &format!("\"{}\"", primary.addr))
+        + "access_log:\n  path: \"-\"\n";
+    let addr: SocketAddr = config
+        .split("address: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|a| a.parse().ok())
+        .expect("listener address");
+    let path = runtime.path().join("shadowgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = tokio::process::Command::new(common::proxy::binary())
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_port(addr).await;
+    let client = client();
+    let (status, _, _) = get(&client, &format!("http://{addr}/stdout")).await;
+    assert_eq!(status, 200);
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("a line within the wait")
+        .unwrap()
+        .expect("a line");
+    let entry: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["path"], "/stdout");
+    assert_eq!(entry["route"], "all");
+    assert_eq!(entry["tls"], Value::Null);
+    assert_eq!(entry["protocol"], "HTTP/1.1");
+}
