@@ -73,15 +73,31 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     Ok(App { server, draining })
 }
 
-/// The listeners, in one proxy service, or two when some accept cleartext
-/// HTTP/2 (Pingora's h2c switch is per service); both share one proxy.
+/// The listeners, in one proxy service, or two when cleartext listeners differ
+/// in `h2c` (Pingora's h2c switch is per service, and each service runs its own
+/// `threads`). Both share one proxy. TLS listeners may join either: Pingora
+/// ignores h2c on TLS connections.
 fn add_proxy_services(
     server: &mut Server,
     config: &Config,
     proxy: ShadowGate,
 ) -> std::io::Result<()> {
+    let cleartext_with = |h2c: bool| {
+        config
+            .listeners
+            .iter()
+            .any(|l| l.tls.is_none() && l.h2c == h2c)
+    };
+    let tls_joins_h2c = cleartext_with(true) && !cleartext_with(false);
     for h2c in [false, true] {
-        let listeners: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).collect();
+        let listeners: Vec<_> = config
+            .listeners
+            .iter()
+            .filter(|l| match l.tls {
+                Some(_) => tls_joins_h2c == h2c,
+                None => l.h2c == h2c,
+            })
+            .collect();
         if listeners.is_empty() {
             continue;
         }

@@ -224,6 +224,9 @@ async fn h2c_by_prior_knowledge_shares_its_port_with_http1_and_only_where_enable
     )
     .await;
     wait_port(plain).await;
+    let mut services = proxy_services(&proxy);
+    services.sort();
+    assert_eq!(services, ["shadowgate proxy", "shadowgate proxy (h2c)"]);
     let fmt = ["-w", "\n%{http_version} %{http_code}"];
     let url = proxy.url("/api/x");
     let h2c = curl(&[&fmt[..], &["--http2-prior-knowledge", url.as_str()]].concat()).await;
@@ -242,6 +245,50 @@ async fn h2c_by_prior_knowledge_shares_its_port_with_http1_and_only_where_enable
     for seen in primary.wait_for(3, WAIT).await {
         assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_beside_an_h2c_one_still_negotiates_by_alpn() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let cleartext = free_port();
+    let listeners = format!(
+        "{}\n  - address: \"{cleartext}\"\n    h2c: true",
+        certs.listener(&[&certs.site], "")
+    );
+    let proxy =
+        Proxy::start_with_listener(&listeners, &sections(primary.addr, primary.addr, "")).await;
+    wait_port(cleartext).await;
+    // One proxy service serves both (TLS connections ignore h2c).
+    assert_eq!(proxy_services(&proxy), ["shadowgate proxy (h2c)"]);
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = curl_tls(&certs, &proxy, "site.test", "/api/", &[flag]).await;
+        assert_answered(&out, version);
+    }
+    let url = format!("http://{cleartext}/api/");
+    let h2c = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        &url,
+    ])
+    .await;
+    assert_answered(&h2c, "2");
+    let h1 = curl(&["--http1.1", "-w", "\n%{http_version} %{http_code}", &url]).await;
+    assert_answered(&h1, "1.1");
+}
+
+/// The proxy services Pingora started, from its log.
+fn proxy_services(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .log()
+        .lines()
+        .filter_map(|l| {
+            l.split_once("Starting service: ")
+                .map(|(_, name)| name.to_string())
+        })
+        .filter(|name| name.starts_with("shadowgate proxy"))
+        .collect()
 }
 
 /// A client that speaks HTTP/2 by prior knowledge.
