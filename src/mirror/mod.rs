@@ -413,9 +413,10 @@ impl MirrorTee {
         }
         for mirror in mirrors {
             if !mirror.wants(req, client_ip) {
-                let outcome = match mirror.methods.contains(&req.method) {
-                    true => MirrorOutcome::NotSampled,
-                    false => MirrorOutcome::Abandoned(AbandonReason::Method),
+                let outcome = if mirror.methods.contains(&req.method) {
+                    MirrorOutcome::NotSampled
+                } else {
+                    MirrorOutcome::Abandoned(AbandonReason::Method)
                 };
                 tee.outcomes.push((mirror.clone(), outcome));
                 continue;
