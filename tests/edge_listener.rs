@@ -699,6 +699,36 @@ async fn access_log_lines_carry_every_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_says_a_shadow_was_abandoned_when_the_client_aborts() {
+    use tokio::io::AsyncWriteExt;
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start(&sections(primary.addr, shadow.addr, MIRROR_POSTS)).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/partial HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    stream.write_all(&body_of(200_000)).await.unwrap();
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_bytes_total",
+            &[("route", "api")],
+            |v| v > 0.0,
+            WAIT,
+        )
+        .await;
+    drop(stream);
+    let line = &wait_for_json_lines(&access_log(&proxy), 1).await[0];
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["bytes_in"], 200_000, "{line}");
+    assert_eq!(
+        line["mirrors"],
+        serde_json::json!([{"upstream": "shadow", "outcome": "abandoned:primary_aborted"}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_the_access_log_for_logrotate() {
     let primary = Origin::start(OriginOptions::named("primary")).await;
     let proxy = Proxy::start(&sections(primary.addr, primary.addr, "")).await;
