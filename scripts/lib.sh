@@ -3,8 +3,9 @@
 # Debian/Ubuntu, install the missing ones with apt-get (through sudo when not root).
 
 # command:package pairs. cmake builds zlib-ng for pingora-core; cc and make build the
-# other C dependencies (zstd) and drive cmake's Makefiles.
-SG_PREREQS="cc:build-essential make:build-essential cmake:cmake"
+# other C dependencies (zstd, ring) and drive cmake's Makefiles; the TLS and HTTP/2
+# tests drive curl.
+SG_PREREQS="cc:build-essential make:build-essential cmake:cmake curl:curl"
 
 sg_say() { printf 'shadowgate: %s\n' "$*" >&2; }
 

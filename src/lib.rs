@@ -1,13 +1,16 @@
 //! shadowgate: an edge reverse proxy on Pingora whose headline is safe, streaming traffic mirroring.
 //! `build_server` turns a validated [`Config`] into a ready-to-run Pingora server; `main`, tests and benches share it.
 
+pub mod access_log;
 pub mod config;
 pub mod metrics;
 pub mod mirror;
 pub mod process;
 pub mod proxy;
 pub mod request;
+pub mod request_id;
 pub mod routing;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -47,18 +50,14 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
         &metrics,
     ));
     let draining = Arc::new(AtomicBool::new(false));
-    let proxy = ShadowGate::new(&config, &pools, &metrics, mirror_runtime, draining.clone());
-
-    let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        proxy,
-        "shadowgate proxy",
-    );
-    for listener in &config.listeners {
-        proxy_service.add_tcp(&listener.address.to_string());
-        info!("listening on http://{}", listener.address);
+    let mut proxy = ShadowGate::new(&config, &pools, &metrics, mirror_runtime, draining.clone());
+    if let Some(access_log) = &config.access_log {
+        let (log, writer) =
+            access_log::AccessLog::new(access_log, metrics.access_log_dropped.clone());
+        proxy = proxy.with_access_log(Arc::new(log));
+        server.add_service(background_service("access log", writer));
     }
-    server.add_service(proxy_service);
+    add_proxy_services(&mut server, &config, proxy)?;
     server.add_service(background_service("upstream health checks", health_checks));
     let setup = process::ProcessSetup {
         listeners: config.listeners.iter().map(|l| l.address.0).collect(),
@@ -72,6 +71,66 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
         server.add_service(service);
     }
     Ok(App { server, draining })
+}
+
+/// The listeners, in one proxy service, or two when cleartext listeners differ
+/// in `h2c` (Pingora's h2c switch is per service, and each service runs its own
+/// `threads`). Both share one proxy. TLS listeners may join either: Pingora
+/// ignores h2c on TLS connections.
+fn add_proxy_services(
+    server: &mut Server,
+    config: &Config,
+    proxy: ShadowGate,
+) -> std::io::Result<()> {
+    let cleartext_with = |h2c: bool| {
+        config
+            .listeners
+            .iter()
+            .any(|l| l.tls.is_none() && l.h2c == h2c)
+    };
+    let tls_joins_h2c = cleartext_with(true) && !cleartext_with(false);
+    for h2c in [false, true] {
+        let listeners: Vec<_> = config
+            .listeners
+            .iter()
+            .filter(|l| match l.tls {
+                Some(_) => tls_joins_h2c == h2c,
+                None => l.h2c == h2c,
+            })
+            .collect();
+        if listeners.is_empty() {
+            continue;
+        }
+        let name = if h2c {
+            "shadowgate proxy (h2c)"
+        } else {
+            "shadowgate proxy"
+        };
+        let mut service =
+            pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy.clone(), name);
+        if h2c && let Some(app) = service.app_logic_mut() {
+            let mut options = pingora_core::apps::HttpServerOptions::default();
+            options.h2c = true;
+            app.server_options = Some(options);
+        }
+        for listener in listeners {
+            let address = listener.address.to_string();
+            match &listener.tls {
+                Some(tls) => {
+                    service.add_tls_with_settings(&address, None, tls.settings()?);
+                    let alpn = if tls.h2 { "h2, http/1.1" } else { "http/1.1" };
+                    info!("listening on https://{address} (ALPN {alpn})");
+                }
+                None => {
+                    service.add_tcp(&address);
+                    let h2c = if h2c { " (and h2c)" } else { "" };
+                    info!("listening on http://{address}{h2c}");
+                }
+            }
+        }
+        server.add_service(service);
+    }
+    Ok(())
 }
 
 impl App {

@@ -30,6 +30,8 @@ pub struct Metrics {
     mirror_in_flight: IntGaugeVec,
     /// Shadow bytes queued in the whole process, against `mirror_budget_bytes`.
     pub mirror_queued_bytes: IntGauge,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
     server_healthy: IntGaugeVec,
     process_info: IntGaugeVec,
 }
@@ -76,6 +78,12 @@ impl Metrics {
         )
         .expect("metric definition is valid");
         let _ = registry.register(Box::new(queued.clone()));
+        let access_log_dropped = IntCounter::new(
+            "shadowgate_access_log_dropped_total",
+            "Access log lines dropped because the queue to the writer was full",
+        )
+        .expect("metric definition is valid");
+        let _ = registry.register(Box::new(access_log_dropped.clone()));
 
         Metrics {
             requests_total: counter(
@@ -119,6 +127,7 @@ impl Metrics {
                 &["route", "mirror"],
             ),
             mirror_queued_bytes: queued,
+            access_log_dropped,
             server_healthy: gauge(
                 "shadowgate_upstream_server_healthy",
                 "1 when the health check considers the server healthy",

@@ -15,10 +15,12 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics};
 use crate::mirror::{Mirror, MirrorRuntime, MirrorTee, RequestBody};
 use crate::request;
+use crate::request_id;
 use crate::routing::{RouteMatch, Router, request_host};
 use crate::upstream::{Pool, Pools};
 
@@ -31,13 +33,16 @@ pub struct Route {
     metrics: RouteMetrics,
 }
 
-/// The proxy: routes, pools and mirrors, built once from the config.
+/// The proxy: routes, pools and mirrors, built once from the config. Clones
+/// share all of it (one per listening service: cleartext HTTP/2 is per service).
+#[derive(Clone)]
 pub struct ShadowGate {
-    router: Router<Arc<Route>>,
-    no_route_metrics: RouteMetrics,
+    router: Arc<Router<Arc<Route>>>,
+    no_route_metrics: Arc<RouteMetrics>,
     /// Set when this process starts handing over or shutting down: responses
     /// then say `Connection: close`, so clients move to the new process cleanly.
     draining: Arc<AtomicBool>,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// Per-request state.
@@ -48,6 +53,8 @@ pub struct RequestCtx {
     tried: Vec<SocketAddr>,
     connect_failures: u32,
     tee: MirrorTee,
+    /// The request's `X-Request-Id`, kept or made in `request_filter`.
+    request_id: Option<HeaderValue>,
 }
 
 impl ShadowGate {
@@ -89,10 +96,17 @@ impl ShadowGate {
             routes.push((RouteMatch::from_config(&route.matcher), Arc::new(built)));
         }
         ShadowGate {
-            router: Router::new(routes),
-            no_route_metrics: metrics.route(NO_ROUTE),
+            router: Arc::new(Router::new(routes)),
+            no_route_metrics: Arc::new(metrics.route(NO_ROUTE)),
             draining,
+            access_log: None,
         }
+    }
+
+    /// Write one line per request to `log`.
+    pub fn with_access_log(mut self, log: Arc<AccessLog>) -> Self {
+        self.access_log = Some(log);
+        self
     }
 }
 
@@ -175,6 +189,7 @@ impl ProxyHttp for ShadowGate {
             tried: Vec::new(),
             connect_failures: 0,
             tee: MirrorTee::default(),
+            request_id: None,
         }
     }
 
@@ -205,6 +220,8 @@ impl ProxyHttp for ShadowGate {
             session.respond_error_with_body(400, body).await?;
             return Ok(true);
         }
+        // In the request header itself, so the primary and every shadow get it.
+        ctx.request_id = Some(request_id::ensure(session.req_header_mut()));
         let req = session.req_header();
         let host = request_host(req);
         let Some(route) = self
@@ -281,6 +298,9 @@ impl ProxyHttp for ShadowGate {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         request::add_forwarding_headers(upstream_request, client_ip(session));
+        if tls_version(session).is_some() {
+            upstream_request.insert_header("x-forwarded-proto", "https")?;
+        }
         request::relay_proxy_authorization(session.req_header(), upstream_request);
         request::normalize_upstream(upstream_request);
         if ctx.tee.wants_primary_header() {
@@ -364,8 +384,57 @@ impl ProxyHttp for ShadowGate {
         let metrics = ctx
             .route
             .as_ref()
-            .map_or(&self.no_route_metrics, |r| &r.metrics);
+            .map_or(&*self.no_route_metrics, |r| &r.metrics);
         metrics.observe(status, ctx.started.elapsed().as_secs_f64());
+        if let Some(log) = &self.access_log {
+            log.log(access_log_entry(session, ctx, status));
+        }
+    }
+}
+
+/// The negotiated TLS version, or None on a cleartext connection.
+fn tls_version(session: &Session) -> Option<&'static str> {
+    let ssl = session.digest()?.ssl_digest.as_ref()?;
+    Some(crate::tls::version_label(&ssl.version))
+}
+
+/// The access log line of a request that has ended.
+fn access_log_entry(session: &Session, ctx: &RequestCtx, status: u16) -> access_log::Entry {
+    let req = session.req_header();
+    access_log::Entry {
+        time: std::time::SystemTime::now(),
+        client: session.client_addr().map(|a| a.to_string()),
+        method: req.method.as_str().to_string(),
+        host: request_host(req).into_owned(),
+        path: req.uri.path().to_string(),
+        protocol: match req.version {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_3 => "HTTP/3",
+            _ => "HTTP/1.1",
+        },
+        tls: tls_version(session),
+        route: ctx.route.as_ref().map(|r| r.name.clone()),
+        upstream: ctx.tried.last().map(|a| a.to_string()),
+        status,
+        bytes_in: session.body_bytes_read() as u64,
+        bytes_out: session.body_bytes_sent() as u64,
+        duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+        request_id: ctx
+            .request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        mirrors: ctx
+            .tee
+            .outcomes()
+            .map(|(upstream, outcome)| access_log::MirrorEntry {
+                upstream: upstream.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .collect(),
     }
 }
 

@@ -16,7 +16,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub(super) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),

@@ -18,6 +18,8 @@ use error::from_yaml_text;
 use runtime_dir::apply_private_runtime_dir;
 use schema::{SHADOWGATE_KEYS, Sections};
 
+pub use crate::access_log::AccessLogConfig;
+pub use crate::tls::TlsConfig;
 pub use error::ConfigError;
 pub use runtime_dir::{current_uid, default_runtime_dir, prepare_runtime_dirs};
 pub use schema::*;
@@ -36,6 +38,8 @@ pub struct Config {
     pub mirror_budget_bytes: u64,
     /// Worker threads for shadow sessions; 0 runs them on the proxy's threads.
     pub mirror_threads: u32,
+    /// One JSON line per request; off when absent.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 impl FromStr for Config {
@@ -78,6 +82,7 @@ impl FromStr for Config {
             metrics: sections.metrics,
             mirror_budget_bytes: sections.mirror_budget_bytes,
             mirror_threads: sections.mirror_threads,
+            access_log: sections.access_log,
         };
         apply_private_runtime_dir(&mut config.server, &mapping);
         config.validate()?;

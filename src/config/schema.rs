@@ -8,6 +8,8 @@ use http::Method;
 use serde::Deserialize;
 
 use super::values::*;
+use crate::access_log::AccessLogConfig;
+use crate::tls::TlsConfig;
 
 /// Default budget for all queued shadow bytes of the process together (64 MiB).
 pub const DEFAULT_MIRROR_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
@@ -27,6 +29,8 @@ pub(super) struct Sections {
     pub(super) mirror_budget_bytes: u64,
     #[serde(default = "default_mirror_threads")]
     pub(super) mirror_threads: u32,
+    #[serde(default)]
+    pub(super) access_log: Option<AccessLogConfig>,
 }
 
 pub(super) const SHADOWGATE_KEYS: &[&str] = &[
@@ -36,6 +40,7 @@ pub(super) const SHADOWGATE_KEYS: &[&str] = &[
     "metrics",
     "mirror_budget_bytes",
     "mirror_threads",
+    "access_log",
 ];
 
 fn default_mirror_budget() -> u64 {
@@ -50,6 +55,12 @@ fn default_mirror_threads() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: Address,
+    /// Terminate TLS here (HTTP/2 offered by ALPN unless `tls.h2: false`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Also accept cleartext HTTP/2 by prior knowledge on this (non-TLS) port.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

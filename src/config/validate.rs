@@ -19,7 +19,8 @@ impl Config {
             ));
         }
         let mut seen = HashSet::new();
-        for (i, listener) in self.listeners.iter().enumerate() {
+        for (i, listener) in self.listeners.iter_mut().enumerate() {
+            listener.load_tls(&format!("listeners[{i}]"))?;
             if !seen.insert(listener.address) {
                 return Err(ConfigError::new(
                     format!("listeners[{i}].address"),
@@ -54,6 +55,9 @@ impl Config {
             u64::MAX / 2,
         )?;
         check_range("mirror_threads", self.mirror_threads as u64, 0, 256)?;
+        if let Some(access_log) = &self.access_log {
+            access_log.check("access_log")?;
+        }
         self.validate_routes()
     }
 

@@ -77,6 +77,25 @@ impl AbandonReason {
     }
 }
 
+/// How a mirror treated one request, as known when the primary ends (for the access log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    NotSampled,
+    /// A shadow was started; how it ends is its own (see the mirror metrics).
+    Sampled,
+    Abandoned(AbandonReason),
+}
+
+impl std::fmt::Display for MirrorOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MirrorOutcome::NotSampled => f.write_str("not_sampled"),
+            MirrorOutcome::Sampled => f.write_str("sampled"),
+            MirrorOutcome::Abandoned(reason) => write!(f, "abandoned:{}", reason.as_str()),
+        }
+    }
+}
+
 /// What every mirror of the process shares: one connection pool to shadow
 /// upstreams and one budget for queued bytes.
 pub struct MirrorRuntime {
@@ -236,6 +255,8 @@ impl Mirror {
             account,
             delivered: 0,
             open: true,
+            slot: 0,
+            abandoned: None,
         };
         if body == RequestBody::Empty {
             // No body filter call is guaranteed for an empty body (an HTTP/2
@@ -326,6 +347,10 @@ struct Tap {
     /// Body bytes already handed to the shadow, counted from the start of the body.
     delivered: u64,
     open: bool,
+    /// This tap's entry in `MirrorTee::outcomes`.
+    slot: usize,
+    /// Why the primary side gave this shadow up, if it did.
+    abandoned: Option<AbandonReason>,
 }
 
 impl Tap {
@@ -357,6 +382,7 @@ impl Tap {
     fn abandon(&mut self, reason: AbandonReason) {
         self.abort.trigger(reason);
         self.open = false;
+        self.abandoned.get_or_insert(reason);
     }
 }
 
@@ -368,8 +394,8 @@ impl Tap {
 /// that header, and a request that Pingora or we refuse is never mirrored.
 #[derive(Default)]
 pub struct MirrorTee {
-    /// Sampled mirrors whose shadow has not started yet.
-    pending: Vec<Arc<Mirror>>,
+    /// Sampled mirrors whose shadow has not started yet (their `outcomes` slots).
+    pending: Vec<usize>,
     /// The header of the current primary attempt, as sent upstream.
     primary_header: Option<RequestHeader>,
     client_ip: Option<IpAddr>,
@@ -378,6 +404,8 @@ pub struct MirrorTee {
     /// Body offset of the next chunk in the current primary attempt. A retry
     /// replays the body from the start, so this resets while `delivered` does not.
     attempt_offset: u64,
+    /// Each mirror of the route and what it did with this request.
+    outcomes: Vec<(Arc<Mirror>, MirrorOutcome)>,
 }
 
 impl MirrorTee {
@@ -392,11 +420,17 @@ impl MirrorTee {
         if mirrors.is_empty() || request::is_upgrade(req) {
             return tee;
         }
-        tee.pending = mirrors
-            .iter()
-            .filter(|m| m.wants(req, client_ip))
-            .cloned()
-            .collect();
+        for mirror in mirrors {
+            let outcome = if mirror.wants(req, client_ip) {
+                tee.pending.push(tee.outcomes.len());
+                MirrorOutcome::Sampled
+            } else if mirror.methods.contains(&req.method) {
+                MirrorOutcome::NotSampled
+            } else {
+                MirrorOutcome::Abandoned(AbandonReason::Method)
+            };
+            tee.outcomes.push((mirror.clone(), outcome));
+        }
         tee.client_ip = client_ip;
         tee.body = body;
         tee
@@ -423,10 +457,19 @@ impl MirrorTee {
         let Some(header) = self.primary_header.take() else {
             return;
         };
-        for mirror in std::mem::take(&mut self.pending) {
+        for slot in std::mem::take(&mut self.pending) {
+            let Some((mirror, outcome)) = self.outcomes.get_mut(slot) else {
+                continue;
+            };
             match mirror.start(&header, self.client_ip, self.body) {
-                Ok(tap) => self.taps.push(tap),
-                Err(reason) => mirror.abandoned(reason),
+                Ok(mut tap) => {
+                    tap.slot = slot;
+                    self.taps.push(tap);
+                }
+                Err(reason) => {
+                    mirror.abandoned(reason);
+                    *outcome = MirrorOutcome::Abandoned(reason);
+                }
             }
         }
     }
@@ -475,13 +518,37 @@ impl MirrorTee {
     /// so it drops its connection instead of finishing the body; a shadow that
     /// never started (the primary was refused or never sent) is counted as such.
     pub fn finish(&mut self) {
-        for mirror in self.pending.drain(..) {
-            mirror.abandoned(AbandonReason::PrimaryNotSent);
+        for slot in self.pending.drain(..) {
+            if let Some((mirror, outcome)) = self.outcomes.get_mut(slot) {
+                mirror.abandoned(AbandonReason::PrimaryNotSent);
+                *outcome = MirrorOutcome::Abandoned(AbandonReason::PrimaryNotSent);
+            }
         }
         for tap in self.taps.iter_mut().filter(|t| t.open) {
             tap.abandon(AbandonReason::PrimaryAborted);
         }
+        for tap in &self.taps {
+            if let (Some(reason), Some(entry)) = (tap.abandoned, self.outcomes.get_mut(tap.slot)) {
+                entry.1 = MirrorOutcome::Abandoned(reason);
+            }
+        }
         self.taps.clear();
+    }
+
+    /// Each mirror of the route (by upstream name) and what it did with this request so far.
+    pub fn outcomes(&self) -> impl Iterator<Item = (&str, MirrorOutcome)> {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .map(|(slot, (mirror, outcome))| {
+                let abandoned = self
+                    .taps
+                    .iter()
+                    .find(|t| t.slot == slot)
+                    .and_then(|t| t.abandoned);
+                let outcome = abandoned.map_or(*outcome, MirrorOutcome::Abandoned);
+                (mirror.upstream_name(), outcome)
+            })
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod origin;
 pub mod proxy;
 pub mod raw_record;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -78,4 +79,29 @@ pub async fn proxy_to_pool(servers: &[SocketAddr], pool_extra: &str) -> Proxy {
         pool("app", servers, pool_extra)
     ))
     .await
+}
+
+/// Wait until the JSON-lines file at `path` holds at least `n` lines; returns them parsed.
+pub async fn wait_for_json_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let complete: Vec<&str> = text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .collect();
+        if complete.len() >= n {
+            return complete
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} has {} lines, expected {n}:\n{text}",
+            path.display(),
+            complete.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -40,6 +40,13 @@ impl Proxy {
     /// Start shadowgate with `sections` (upstreams, routes, ...) plus a listener,
     /// a metrics endpoint and private runtime paths chosen here.
     pub async fn start(sections: &str) -> Proxy {
+        Self::start_with_listener("", sections).await
+    }
+
+    /// Like `start`, with `listener_extra` written under the proxy's `- address:` line
+    /// (keys like `    h2c: true`, or further `  - address:` listeners). In both texts
+    /// `RUNTIME` stands for the proxy's private directory.
+    pub async fn start_with_listener(listener_extra: &str, sections: &str) -> Proxy {
         let dir = private_dir();
         let addr = free_port();
         let metrics_addr = free_port();
@@ -50,10 +57,12 @@ impl Proxy {
              grace_period_seconds: 1\n\
              graceful_shutdown_timeout_seconds: 1\n\
              listeners:\n  - address: \"{addr}\"\n\
+             {listener_extra}\n\
              metrics:\n  address: \"{metrics_addr}\"\n\
              {sections}\n",
             dir = dir.path().display()
-        );
+        )
+        .replace("RUNTIME", &dir.path().display().to_string());
         let config_path = dir.path().join("shadowgate.yaml");
         std::fs::write(&config_path, config).expect("write config");
         let log_path = dir.path().join("shadowgate.log");
@@ -169,6 +178,29 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Run the binary to completion with `args` (e.g. `-t -c FILE`); a run that
+/// does not end within 20 s is killed and fails the test.
+pub fn run_to_end(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let mut child = Command::new(binary())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shadowgate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait for shadowgate").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("shadowgate {args:?} did not end within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().expect("shadowgate output")
 }
 
 /// Start the binary with a config, logging to a file. Debug logs for shadowgate itself.

@@ -1,0 +1,1026 @@
+//! The edge listener against real clients: TLS termination with SNI, HTTP/2 by ALPN and by
+//! prior knowledge (h2c), request ids, the access log, and the TLS configuration errors.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::proxy::{free_port, run_to_end};
+use common::tls::{Curl, TestCa, TestCert, Validity, curl, presented_cn};
+use common::*;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+/// A CA and two leaves: `site` (site.test, the default) and `other` (other.test, *.wild.test).
+struct Certs {
+    _dir: tempfile::TempDir,
+    ca: TestCa,
+    site: TestCert,
+    other: TestCert,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = tempfile::tempdir().expect("cert dir");
+        let ca = TestCa::new(dir.path());
+        let site = ca.issue("site", &["site.test"], Validity::Current);
+        let other = ca.issue("other", &["other.test", "*.wild.test"], Validity::Current);
+        Certs {
+            _dir: dir,
+            ca,
+            site,
+            other,
+        }
+    }
+
+    fn ca_path(&self) -> &str {
+        self.ca.cert.to_str().expect("utf-8 path")
+    }
+
+    /// The proxy listener's `tls` section with `certificates` and extra keys.
+    fn listener(&self, certificates: &[&TestCert], extra: &str) -> String {
+        let list: Vec<String> = certificates
+            .iter()
+            .map(|c| format!("        - {}", c.yaml()))
+            .collect();
+        format!(
+            "    tls:\n      certificates:\n{}\n{extra}",
+            list.join("\n")
+        )
+    }
+}
+
+/// Route `api` (path /api) to `primary`, mirroring `mirror_yaml` (if any) to `shadow`;
+/// the access log in the proxy's directory.
+fn sections(primary: SocketAddr, shadow: SocketAddr, mirrors: &str) -> String {
+    format!(
+        "upstreams:\n{}{}routes:\n  - name: api\n    match: {{ path_prefix: /api }}\n    upstream: app\n{mirrors}\naccess_log:\n  path: RUNTIME/access.log\n",
+        pool("app", &[primary], ""),
+        pool("shadow", &[shadow], ""),
+    )
+}
+
+fn access_log(proxy: &Proxy) -> std::path::PathBuf {
+    proxy.dir().join("access.log")
+}
+
+/// curl over TLS to `name` (resolved to the proxy) with `flags`; stdout ends with
+/// `\n<http_version> <status>`.
+async fn curl_tls(certs: &Certs, proxy: &Proxy, name: &str, path: &str, flags: &[&str]) -> Curl {
+    let port = proxy.addr.port();
+    let resolve = format!("{name}:{port}:127.0.0.1");
+    let url = format!("https://{name}:{port}{path}");
+    let mut args = vec!["--cacert", certs.ca_path(), "--resolve", &resolve];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["-w", "\n%{http_version} %{http_code}", &url]);
+    curl(&args).await
+}
+
+fn assert_answered(out: &Curl, version: &str) {
+    assert!(out.success, "{out:?}");
+    assert!(
+        out.stdout.ends_with(&format!("\n{version} 200")),
+        "expected HTTP/{version} 200: {out:?}"
+    );
+}
+
+/// Wait until `addr` accepts connections (a second listener may bind a moment after the first).
+async fn wait_port(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- TLS and ALPN
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_http1_and_http2_by_alpn_with_tls_1_2_and_1_3() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start_with_listener(
+        &certs.listener(&[&certs.site], ""),
+        &sections(primary.addr, shadow.addr, ""),
+    )
+    .await;
+
+    let h1 = curl_tls(&certs, &proxy, "site.test", "/api/one", &["--http1.1"]).await;
+    assert_answered(&h1, "1.1");
+    assert!(h1.stdout.starts_with("primary GET /api/one"), "{h1:?}");
+    let h2 = curl_tls(&certs, &proxy, "site.test", "/api/two", &["--http2"]).await;
+    assert_answered(&h2, "2");
+    let tls12 = curl_tls(
+        &certs,
+        &proxy,
+        "site.test",
+        "/api/three",
+        &["--http2", "--tlsv1.2", "--tls-max", "1.2"],
+    )
+    .await;
+    assert_answered(&tls12, "2");
+
+    for seen in primary.wait_for(3, WAIT).await {
+        assert_eq!(seen.header("x-forwarded-proto"), Some("https"), "{seen:?}");
+    }
+    let lines = wait_for_json_lines(&access_log(&proxy), 3).await;
+    let got: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap(),
+                l["protocol"].as_str().unwrap(),
+                l["tls"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/api/one", "HTTP/1.1", "TLSv1.3"),
+            ("/api/two", "HTTP/2", "TLSv1.3"),
+            ("/api/three", "HTTP/2", "TLSv1.2"),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_falls_back_to_the_first() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let proxy = Proxy::start_with_listener(
+        &certs.listener(&[&certs.site, &certs.other], ""),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+
+    for (name, cn) in [
+        ("site.test", "site.test"),
+        ("other.test", "other.test"),
+        ("a.wild.test", "other.test"),
+        ("OTHER.test", "other.test"),
+    ] {
+        let out = curl_tls(&certs, &proxy, name, "/api/", &["-v"]).await;
+        assert_answered(&out, "2");
+        assert_eq!(
+            presented_cn(&out.stderr).as_deref(),
+            Some(cn),
+            "{name}: {out:?}"
+        );
+    }
+    // An unknown name and no SNI at all (an IP address) both get the default.
+    for name in ["unknown.test", "b.a.wild.test"] {
+        let out = curl_tls(&certs, &proxy, name, "/api/", &["-v", "--insecure"]).await;
+        assert_answered(&out, "2");
+        assert_eq!(
+            presented_cn(&out.stderr).as_deref(),
+            Some("site.test"),
+            "{name}"
+        );
+    }
+    let url = format!("https://{}/api/", proxy.addr);
+    let out = curl(&[
+        "-v",
+        "--insecure",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        &url,
+    ])
+    .await;
+    assert_answered(&out, "2");
+    assert_eq!(presented_cn(&out.stderr).as_deref(), Some("site.test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_false_offers_only_http1() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let proxy = Proxy::start_with_listener(
+        &certs.listener(&[&certs.site], "      h2: false"),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+    let out = curl_tls(&certs, &proxy, "site.test", "/api/", &["--http2"]).await;
+    assert_answered(&out, "1.1");
+}
+
+// ---------------------------------------------------------------- h2c
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_by_prior_knowledge_shares_its_port_with_http1_and_only_where_enabled() {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let plain = free_port();
+    let proxy = Proxy::start_with_listener(
+        &format!("    h2c: true\n  - address: \"{plain}\""),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+    wait_port(plain).await;
+    let mut services = proxy_services(&proxy);
+    services.sort();
+    assert_eq!(services, ["shadowgate proxy", "shadowgate proxy (h2c)"]);
+    let fmt = ["-w", "\n%{http_version} %{http_code}"];
+    let url = proxy.url("/api/x");
+    let h2c = curl(&[&fmt[..], &["--http2-prior-knowledge", url.as_str()]].concat()).await;
+    assert_answered(&h2c, "2");
+    let h1 = curl(&[&fmt[..], &["--http1.1", url.as_str()]].concat()).await;
+    assert_answered(&h1, "1.1");
+
+    // The listener without h2c speaks HTTP/1.1 only.
+    let plain_url = format!("http://{plain}/api/x");
+    let refused =
+        curl(&[&fmt[..], &["--http2-prior-knowledge", plain_url.as_str()]].concat()).await;
+    assert!(!refused.stdout.ends_with("2 200"), "{refused:?}");
+    let h1 = curl(&[&fmt[..], &["--http1.1", plain_url.as_str()]].concat()).await;
+    assert_answered(&h1, "1.1");
+    // And cleartext says so upstream.
+    for seen in primary.wait_for(3, WAIT).await {
+        assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_beside_an_h2c_one_still_negotiates_by_alpn() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let cleartext = free_port();
+    let listeners = format!(
+        "{}\n  - address: \"{cleartext}\"\n    h2c: true",
+        certs.listener(&[&certs.site], "")
+    );
+    let proxy =
+        Proxy::start_with_listener(&listeners, &sections(primary.addr, primary.addr, "")).await;
+    wait_port(cleartext).await;
+    // One proxy service serves both (TLS connections ignore h2c).
+    assert_eq!(proxy_services(&proxy), ["shadowgate proxy (h2c)"]);
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = curl_tls(&certs, &proxy, "site.test", "/api/", &[flag]).await;
+        assert_answered(&out, version);
+    }
+    let url = format!("http://{cleartext}/api/");
+    let h2c = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        &url,
+    ])
+    .await;
+    assert_answered(&h2c, "2");
+    let h1 = curl(&["--http1.1", "-w", "\n%{http_version} %{http_code}", &url]).await;
+    assert_answered(&h1, "1.1");
+}
+
+/// The proxy services Pingora started, from its log.
+fn proxy_services(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .log()
+        .lines()
+        .filter_map(|l| {
+            l.split_once("Starting service: ")
+                .map(|(_, name)| name.to_string())
+        })
+        .filter(|name| name.starts_with("shadowgate proxy"))
+        .collect()
+}
+
+/// A client that speaks HTTP/2 by prior knowledge.
+fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_balancing_and_metrics_work_for_http2_requests() {
+    let a = Origin::start(OriginOptions::named("a")).await;
+    let b = Origin::start(OriginOptions::named("b")).await;
+    let other = Origin::start(OriginOptions::named("other")).await;
+    let proxy = Proxy::start_with_listener(
+        "    h2c: true",
+        &format!(
+            "upstreams:\n{}{}routes:\n  - {{ name: api, match: {{ path_prefix: /api }}, upstream: app }}\n  - {{ name: rest, upstream: other }}\n",
+            pool("app", &[a.addr, b.addr], "    selection: round_robin\n"),
+            pool("other", &[other.addr], ""),
+        ),
+    )
+    .await;
+    let client = h2c_client();
+    let mut origins = Vec::new();
+    for _ in 0..4 {
+        let resp = client.get(proxy.url("/api/x")).send().await.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        origins.push(resp.headers()["x-origin"].to_str().unwrap().to_string());
+    }
+    origins.sort();
+    assert_eq!(origins, ["a", "a", "b", "b"]);
+    let (status, origin, _) = get(&client, &proxy.url("/elsewhere")).await;
+    assert_eq!((status, origin.as_str()), (200, "other"));
+    proxy
+        .wait_for_metric(
+            "shadowgate_requests_total",
+            &[("route", "api"), ("status", "200")],
+            |v| v == 4.0,
+            WAIT,
+        )
+        .await;
+    proxy
+        .wait_for_metric(
+            "shadowgate_requests_total",
+            &[("route", "rest"), ("status", "200")],
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+}
+
+// ---------------------------------------------------------------- HTTP/2 mirroring
+
+const MIRROR_POSTS: &str =
+    "    mirrors:\n      - { upstream: shadow, percentage: 100, methods: [GET, POST] }";
+
+/// An HTTP/2 (h2c) connection to the proxy, for requests whose frames the test controls.
+async fn h2_connection(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.ready().await.unwrap()
+}
+
+/// POST `body` over HTTP/2 in 16 KiB DATA frames, with or without content-length; returns the status.
+async fn h2_post(addr: SocketAddr, path: &str, body: &[u8], content_length: bool) -> u16 {
+    let mut client = h2_connection(addr).await;
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://edge.test{path}"))
+        .header("x-test", "mirrored");
+    if content_length {
+        request = request.header("content-length", body.len());
+    }
+    let (response, mut stream) = client
+        .send_request(request.body(()).unwrap(), body.is_empty())
+        .unwrap();
+    let chunks: Vec<&[u8]> = body.chunks(16 * 1024).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        stream
+            .send_data(Bytes::copy_from_slice(chunk), i + 1 == chunks.len())
+            .unwrap();
+    }
+    let response = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrored_http2_upload_reaches_the_shadow_byte_for_byte() {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start_with_listener(
+        "    h2c: true",
+        &sections(primary.addr, shadow.addr, MIRROR_POSTS),
+    )
+    .await;
+    let big = body_of(300_000);
+    let cases: [(&str, &[u8], bool); 4] = [
+        ("/api/with-length", &big, true),
+        ("/api/without-length", &big, false),
+        ("/api/empty-with-length", b"", true),
+        ("/api/empty", b"", false),
+    ];
+    for (path, body, content_length) in cases {
+        assert_eq!(
+            h2_post(proxy.addr, path, body, content_length).await,
+            200,
+            "{path}"
+        );
+    }
+    let at_primary = primary.wait_for(cases.len(), WAIT).await;
+    let at_shadow = shadow.wait_for(cases.len(), WAIT).await;
+    for (path, body, _) in cases {
+        let p = at_primary.iter().find(|r| r.uri == path).expect(path);
+        let s = at_shadow
+            .iter()
+            .find(|r| r.uri == path)
+            .unwrap_or_else(|| panic!("{path} did not reach the shadow"));
+        assert_eq!(s.method, "POST", "{path}");
+        assert_eq!(
+            (s.body_len, &s.body_sha256),
+            (body.len() as u64, &sha256_hex(body)),
+            "{path}"
+        );
+        assert_eq!(
+            (p.body_len, &p.body_sha256),
+            (s.body_len, &s.body_sha256),
+            "{path}"
+        );
+        for name in ["x-test", "x-request-id", "x-forwarded-for", "host"] {
+            assert_eq!(s.header(name), p.header(name), "{path}: {name}");
+        }
+        assert_eq!(s.header("x-test"), Some("mirrored"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_rst_stream_mid_body_closes_the_shadow_instead_of_finishing_it() {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start_with_listener(
+        "    h2c: true",
+        &sections(primary.addr, shadow.addr, MIRROR_POSTS),
+    )
+    .await;
+    let mut client = h2_connection(proxy.addr).await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://edge.test/api/partial")
+        .header("content-length", 1_000_000)
+        .body(())
+        .unwrap();
+    let (_response, mut stream) = client.send_request(request, false).unwrap();
+    stream
+        .send_data(Bytes::from(body_of(200_000)), false)
+        .unwrap();
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_bytes_total",
+            &[("route", "api")],
+            |v| v > 0.0,
+            WAIT,
+        )
+        .await;
+    stream.send_reset(h2::Reason::CANCEL);
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_abandoned_total",
+            &[("route", "api"), ("reason", "primary_aborted")],
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_in_flight",
+            &[("route", "api")],
+            |v| v == 0.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        shadow.count(),
+        0,
+        "the shadow saw a complete request from a reset upload"
+    );
+    assert_eq!(
+        primary.count(),
+        0,
+        "the primary saw a complete request from a reset upload"
+    );
+    let line = &wait_for_json_lines(&access_log(&proxy), 1).await[0];
+    assert_eq!(
+        line["mirrors"][0]["outcome"], "abandoned:primary_aborted",
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_of_a_tls_request_says_https_like_its_primary() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start_with_listener(
+        &certs.listener(&[&certs.site], ""),
+        &sections(primary.addr, shadow.addr, MIRROR_POSTS),
+    )
+    .await;
+    let out = curl_tls(&certs, &proxy, "site.test", "/api/tls", &["--http1.1"]).await;
+    assert_answered(&out, "1.1");
+    let p = &primary.wait_for(1, WAIT).await[0];
+    let s = &shadow.wait_for(1, WAIT).await[0];
+    assert_eq!(p.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(s.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(s.header("x-request-id"), p.header("x-request-id"));
+}
+
+// ---------------------------------------------------------------- request ids
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_kept_or_made_and_reach_the_primary_the_shadow_and_the_log() {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start(&sections(primary.addr, shadow.addr, MIRROR_POSTS)).await;
+    let client = client();
+    let too_long = "x".repeat(129);
+    let cases: [(&str, Option<&str>); 4] = [
+        ("/api/kept", Some("client-id_1.2:3")),
+        ("/api/none", None),
+        ("/api/spaces", Some("has space")),
+        ("/api/long", Some(too_long.as_str())),
+    ];
+    for (path, id) in cases {
+        let mut request = client.get(proxy.url(path));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 200);
+    }
+    let at_primary = primary.wait_for(cases.len(), WAIT).await;
+    let at_shadow = shadow.wait_for(cases.len(), WAIT).await;
+    let lines = wait_for_json_lines(&access_log(&proxy), cases.len()).await;
+    let mut made = Vec::new();
+    for (path, sent) in cases {
+        let id = at_primary
+            .iter()
+            .find(|r| r.uri == path)
+            .and_then(|r| r.header("x-request-id"))
+            .unwrap_or_else(|| panic!("{path}: no id at the primary"))
+            .to_string();
+        let shadow_id = at_shadow
+            .iter()
+            .find(|r| r.uri == path)
+            .unwrap()
+            .header("x-request-id");
+        assert_eq!(shadow_id, Some(id.as_str()), "{path}");
+        let logged = lines.iter().find(|l| l["path"] == path).unwrap();
+        assert_eq!(logged["request_id"], id.as_str(), "{path}");
+        if path == "/api/kept" {
+            assert_eq!(Some(id.as_str()), sent);
+        } else {
+            assert_ne!(Some(id.as_str()), sent);
+            made.push(id);
+        }
+    }
+    made.sort();
+    made.dedup();
+    assert_eq!(made.len(), 3, "made ids are unique: {made:?}");
+}
+
+// ---------------------------------------------------------------- access log
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_carry_every_field() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let mirrors = "    mirrors:\n      - { upstream: shadow, percentage: 100 }\n      - { upstream: idle, percentage: 0 }";
+    let config = sections(primary.addr, shadow.addr, mirrors).replacen(
+        "routes:",
+        &format!("{}routes:", pool("idle", &[shadow.addr], "")),
+        1,
+    );
+    let proxy = Proxy::start_with_listener(&certs.listener(&[&certs.site], ""), &config).await;
+    let get = curl_tls(
+        &certs,
+        &proxy,
+        "site.test",
+        "/api/get?token=secret",
+        &["--http2"],
+    )
+    .await;
+    assert_answered(&get, "2");
+    let post = curl_tls(
+        &certs,
+        &proxy,
+        "site.test",
+        "/api/post",
+        &["--http1.1", "--data-binary", "hello"],
+    )
+    .await;
+    assert_answered(&post, "1.1");
+    let missing = curl_tls(&certs, &proxy, "site.test", "/nowhere", &["--http1.1"]).await;
+    assert!(missing.stdout.ends_with("1.1 404"), "{missing:?}");
+
+    let lines = wait_for_json_lines(&access_log(&proxy), 3).await;
+    let (get, post, missing) = (&lines[0], &lines[1], &lines[2]);
+    let keys: std::collections::BTreeSet<&str> = get
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let expected = [
+        "time",
+        "client",
+        "method",
+        "host",
+        "path",
+        "protocol",
+        "tls",
+        "route",
+        "upstream",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "request_id",
+        "mirrors",
+    ];
+    assert_eq!(keys, expected.into_iter().collect());
+    let time = get["time"].as_str().unwrap();
+    assert!(
+        time.len() == 24 && time.ends_with('Z') && time.starts_with("20"),
+        "{time}"
+    );
+    assert!(get["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(get["method"], "GET");
+    assert_eq!(get["host"], "site.test");
+    assert_eq!(get["path"], "/api/get", "the query stays out of the log");
+    assert_eq!(get["protocol"], "HTTP/2");
+    assert_eq!(get["tls"], "TLSv1.3");
+    assert_eq!(get["route"], "api");
+    assert_eq!(get["upstream"], primary.addr.to_string());
+    assert_eq!(get["status"], 200);
+    assert_eq!(get["bytes_in"], 0);
+    let body_len = "primary GET /api/get?token=secret 0\n".len();
+    assert_eq!(get["bytes_out"], body_len);
+    assert!(get["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(!get["request_id"].as_str().unwrap().is_empty());
+    let outcomes = |line: &Value| -> Vec<(String, String)> {
+        line["mirrors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["upstream"].to_string(), m["outcome"].to_string()))
+            .collect()
+    };
+    let pair = |u: &str, o: &str| (format!("\"{u}\""), format!("\"{o}\""));
+    assert_eq!(
+        outcomes(get),
+        [pair("shadow", "sampled"), pair("idle", "not_sampled")]
+    );
+
+    assert_eq!(post["method"], "POST");
+    assert_eq!(post["protocol"], "HTTP/1.1");
+    assert_eq!(post["bytes_in"], 5);
+    assert_eq!(
+        outcomes(post),
+        [
+            pair("shadow", "abandoned:method"),
+            pair("idle", "abandoned:method")
+        ]
+    );
+
+    assert_eq!(missing["status"], 404);
+    assert_eq!(missing["route"], Value::Null);
+    assert_eq!(missing["upstream"], Value::Null);
+    assert_eq!(missing["mirrors"], serde_json::json!([]));
+    assert_eq!(
+        proxy
+            .metric("shadowgate_access_log_dropped_total", &[])
+            .await,
+        0.0
+    );
+    assert!(
+        proxy
+            .metrics_text()
+            .await
+            .contains("shadowgate_access_log_dropped_total 0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_says_a_shadow_was_abandoned_when_the_client_aborts() {
+    use tokio::io::AsyncWriteExt;
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start(&sections(primary.addr, shadow.addr, MIRROR_POSTS)).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/partial HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    stream.write_all(&body_of(200_000)).await.unwrap();
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_bytes_total",
+            &[("route", "api")],
+            |v| v > 0.0,
+            WAIT,
+        )
+        .await;
+    drop(stream);
+    let line = &wait_for_json_lines(&access_log(&proxy), 1).await[0];
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["bytes_in"], 200_000, "{line}");
+    assert_eq!(
+        line["mirrors"],
+        serde_json::json!([{"upstream": "shadow", "outcome": "abandoned:primary_aborted"}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_for_logrotate() {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let proxy = Proxy::start(&sections(primary.addr, primary.addr, "")).await;
+    let client = client();
+    let log = access_log(&proxy);
+    assert_eq!(get(&client, &proxy.url("/api/before")).await.0, 200);
+    wait_for_json_lines(&log, 1).await;
+    let rotated = proxy.dir().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    // Still the old file until the signal.
+    assert_eq!(get(&client, &proxy.url("/api/moved")).await.0, 200);
+    wait_for_json_lines(&rotated, 2).await;
+    let pid = proxy.child.id().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-USR1", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    proxy.wait_for_log("access log reopened", WAIT).await;
+    assert_eq!(get(&client, &proxy.url("/api/after")).await.0, 200);
+    let fresh = wait_for_json_lines(&log, 1).await;
+    assert_eq!(fresh[0]["path"], "/api/after");
+    let old = wait_for_json_lines(&rotated, 2).await;
+    assert_eq!(old.len(), 2, "{old:?}");
+}
+
+// ---------------------------------------------------------------- configuration errors
+
+/// A whole config file whose one listener is `listener` (YAML under `- address:`).
+fn config_with_listener(runtime: &Path, listener: &str) -> String {
+    format!(
+        "pid_file: {dir}/shadowgate.pid\nupgrade_sock: {dir}/upgrade.sock\nlisteners:\n  - address: \"{}\"\n{listener}\nupstreams:\n  app:\n    servers: [{{ address: \"127.0.0.1:9\" }}]\nroutes:\n  - {{ name: all, upstream: app }}\n",
+        free_port(),
+        dir = runtime.display()
+    )
+}
+
+/// `-t` and a plain start on the same config: both fail with exit 2 and one line that
+/// names `field` and contains `detail`.
+fn assert_rejected(config: &str, field: &str, detail: &str) {
+    let dir = common::proxy::private_dir();
+    let path = dir.path().join("shadowgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    for check in [true, false] {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("-c"), path.as_os_str()];
+        if check {
+            args.insert(0, OsStr::new("-t"));
+        }
+        let out = run_to_end(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "-t {check}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "-t {check}: one line expected: {stderr}");
+        let message = lines[0]
+            .split_once(".yaml: ")
+            .map(|(_, m)| m)
+            .unwrap_or_else(|| panic!("{stderr}"));
+        assert!(
+            message.starts_with(&format!("{field}: ")),
+            "{field}: {message}"
+        );
+        assert!(message.contains(detail), "{detail:?} missing: {message}");
+    }
+}
+
+#[test]
+fn every_bad_tls_setting_is_one_line_naming_its_field() {
+    let certs = Certs::new();
+    let runtime = common::proxy::private_dir();
+    let dir = runtime.path();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let listener = |certificates: &[String]| {
+        let list: Vec<String> = certificates
+            .iter()
+            .map(|c| format!("        - {c}"))
+            .collect();
+        format!("    tls:\n      certificates:\n{}", list.join("\n"))
+    };
+    let pair = |cert: &Path, key: &Path| {
+        format!(
+            "{{ cert: \"{}\", key: \"{}\" }}",
+            cert.display(),
+            key.display()
+        )
+    };
+    let good = certs.site.yaml();
+    let cases = [
+        (
+            listener(&[good.clone(), pair(&missing, &certs.other.key)]),
+            "listeners[0].tls.certificates[1].cert",
+            "cannot read",
+        ),
+        (
+            listener(&[good.clone(), pair(&certs.other.cert, &missing)]),
+            "listeners[0].tls.certificates[1].key",
+            "cannot read",
+        ),
+        (
+            // A directory: unreadable even for root.
+            listener(&[pair(&certs.site.cert, dir)]),
+            "listeners[0].tls.certificates[0].key",
+            "cannot read",
+        ),
+        (
+            listener(&[pair(&garbage, &certs.site.key)]),
+            "listeners[0].tls.certificates[0].cert",
+            "no certificate found",
+        ),
+        (
+            listener(&[pair(&certs.site.cert, &garbage)]),
+            "listeners[0].tls.certificates[0].key",
+            "no private key found",
+        ),
+        (
+            listener(&[good.clone(), pair(&certs.other.cert, &certs.site.key)]),
+            "listeners[0].tls.certificates[1].key",
+            "does not match the certificate",
+        ),
+        (
+            "    tls:\n      certificates: []".to_string(),
+            "listeners[0].tls.certificates",
+            "no certificate",
+        ),
+        (
+            format!("    h2c: true\n{}", listener(std::slice::from_ref(&good))),
+            "listeners[0].h2c",
+            "remove h2c",
+        ),
+        (
+            format!("{}\n      alpn: h3", listener(std::slice::from_ref(&good))),
+            "listeners[0].tls.alpn",
+            "unknown field `alpn`",
+        ),
+    ];
+    for (listener, field, detail) in cases {
+        assert_rejected(&config_with_listener(dir, &listener), field, detail);
+    }
+    let bad_log = format!(
+        "{}access_log:\n  path: {}/no/such/dir/access.log\n",
+        config_with_listener(dir, ""),
+        dir.display()
+    );
+    assert_rejected(&bad_log, "access_log.path", "cannot open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_warns_but_serves() {
+    let certs = Certs::new();
+    let expired = certs.ca.issue("expired", &["old.test"], Validity::Expired);
+    let runtime = common::proxy::private_dir();
+    let listener = certs.listener(&[&certs.site, &expired], "");
+    let path = runtime.path().join("shadowgate.yaml");
+    std::fs::write(&path, config_with_listener(runtime.path(), &listener)).unwrap();
+    let out = run_to_end(&[OsStr::new("-t"), OsStr::new("-c"), path.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("listeners[0].tls.certificates[1].cert:"))
+        .unwrap_or_else(|| panic!("no warning: {stderr}"));
+    assert!(
+        warning.contains("expired at 2021-01-01T00:00:00Z"),
+        "{warning}"
+    );
+
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let proxy =
+        Proxy::start_with_listener(&listener, &sections(primary.addr, primary.addr, "")).await;
+    proxy
+        .wait_for_log("listeners[0].tls.certificates[1].cert:", WAIT)
+        .await;
+    let out = curl_tls(&certs, &proxy, "site.test", "/api/", &[]).await;
+    assert_answered(&out, "2");
+}
+
+// ---------------------------------------------------------------- certificate renewal
+
+/// Kills a spawned process when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for_line(path: &Path, needle: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in {}:\n{text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_after_check_and_upgrade() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let proxy = Proxy::start_with_listener(
+        &certs.listener(&[&certs.site], ""),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+    let seen = curl_tls(&certs, &proxy, "site.test", "/api/", &["-v"]).await;
+    assert_eq!(presented_cn(&seen.stderr).as_deref(), Some("site.test"));
+
+    // Renew in place: same files, a new certificate (told apart by its CN).
+    let renewed = certs
+        .ca
+        .issue("renewed", &["renewed.test", "site.test"], Validity::Current);
+    std::fs::copy(&renewed.cert, &certs.site.cert).unwrap();
+    std::fs::copy(&renewed.key, &certs.site.key).unwrap();
+    let config = proxy.config_path.as_os_str();
+    let check = run_to_end(&[OsStr::new("-t"), OsStr::new("-c"), config]);
+    assert!(check.status.success(), "{check:?}");
+
+    // The usual zero-downtime upgrade: a new process with -u, then SIGQUIT to the old one.
+    let new_log = proxy.dir().join("new.log");
+    let _new = Reaped(common::proxy::spawn(&proxy.config_path, &new_log, &["-u"]));
+    let upgrade_sock = proxy.dir().join("upgrade.sock");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !upgrade_sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no upgrade socket");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let quit = std::process::Command::new("kill")
+        .args(["-QUIT", &proxy.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    wait_for_line(&new_log, "Bootstrap done").await;
+    // The old process may accept a few more connections before it lets go; then only the new one does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = curl_tls(&certs, &proxy, "site.test", "/api/", &["-v"]).await;
+        assert_answered(&seen, "2");
+        if presented_cn(&seen.stderr).as_deref() == Some("renewed.test") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still the old certificate: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_to_stdout_is_one_json_line_per_request() {
+    use tokio::io::AsyncBufReadExt;
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let runtime = common::proxy::private_dir();
+    let config = config_with_listener(runtime.path(), "")
+        .replace("\"127.0.0.1:9\"", &format!("\"{}\"", primary.addr))
+        + "access_log:\n  path: \"-\"\n";
+    let addr: SocketAddr = config
+        .split("address: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|a| a.parse().ok())
+        .expect("listener address");
+    let path = runtime.path().join("shadowgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = tokio::process::Command::new(common::proxy::binary())
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_port(addr).await;
+    let client = client();
+    let (status, _, _) = get(&client, &format!("http://{addr}/stdout")).await;
+    assert_eq!(status, 200);
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("a line within the wait")
+        .unwrap()
+        .expect("a line");
+    let entry: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["path"], "/stdout");
+    assert_eq!(entry["route"], "all");
+    assert_eq!(entry["tls"], Value::Null);
+    assert_eq!(entry["protocol"], "HTTP/1.1");
+}
