@@ -130,6 +130,9 @@ fn default_mirror_threads() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: Address,
+    /// Timeouts and caps for the clients of this listener (`limits.rs`).
+    #[serde(default)]
+    pub client: crate::limits::ClientLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +166,10 @@ pub struct UpstreamConfig {
     /// How many more servers to try when connecting to one fails.
     #[serde(default = "default_connect_retries")]
     pub connect_retries: u32,
+    /// Retry an idempotent request once on another server when this one fails
+    /// before sending any response byte (see README, "Retries").
+    #[serde(default = "default_retry_idempotent")]
+    pub retry_idempotent: bool,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -176,6 +183,9 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_connect_retries() -> u32 {
     2
+}
+fn default_retry_idempotent() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -611,6 +621,9 @@ impl Config {
                     format!("{} is listed twice; remove the duplicate", listener.address),
                 ));
             }
+            listener.client.validate().map_err(|e| {
+                ConfigError::new(format!("listeners[{i}].client.{}", e.field), e.message)
+            })?;
         }
         if let Some(metrics) = &self.metrics
             && seen.contains(&metrics.address)

@@ -2,6 +2,8 @@
 //! `build_server` turns a validated [`Config`] into a ready-to-run Pingora server; `main`, tests and benches share it.
 
 pub mod config;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod mirror;
 pub mod process;
@@ -15,11 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use log::info;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::{
     RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch,
 };
 use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
 
 pub use config::{Config, ConfigError};
 use metrics::Metrics;
@@ -49,14 +53,19 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = ShadowGate::new(&config, &pools, &metrics, mirror_runtime, draining.clone());
 
-    let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        proxy,
-        "shadowgate proxy",
-    );
+    let http_proxy = Arc::new(pingora_proxy::http_proxy(&server.configuration, proxy));
+    let gate = listener::ClientGate::new(http_proxy, &config.listeners, &metrics);
+    let mut proxy_service = Service::new("shadowgate proxy".to_string(), gate);
     for listener in &config.listeners {
-        proxy_service.add_tcp(&listener.address.to_string());
-        info!("listening on http://{}", listener.address);
+        let read_buffer = listener.client.read_buffer_bytes as usize;
+        proxy_service.add_listener(
+            pingora_core::listeners::ListenerConfig::tcp(listener.address.to_string())
+                .l4_buffer(L4BufferSettings::default().read(read_buffer)),
+        );
+        info!(
+            "listening on http://{} (client limits: {:?})",
+            listener.address, listener.client
+        );
     }
     server.add_service(proxy_service);
     server.add_service(background_service("upstream health checks", health_checks));

@@ -47,6 +47,8 @@ pub struct RequestCtx {
     /// Servers already tried for this request, so a retry goes elsewhere.
     tried: Vec<SocketAddr>,
     connect_failures: u32,
+    /// Set once the one retry after a server broke off has been used.
+    retried_idempotent: bool,
     tee: MirrorTee,
 }
 
@@ -178,8 +180,18 @@ impl ProxyHttp for ShadowGate {
             route: None,
             tried: Vec::new(),
             connect_failures: 0,
+            retried_idempotent: false,
             tee: MirrorTee::default(),
         }
+    }
+
+    /// Right after the header was read: stop the listener's header clock, enforce its size limits.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        crate::listener::header_received(session.req_header())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -251,6 +263,40 @@ impl ProxyHttp for ShadowGate {
         e
     }
 
+    /// A failure once the request reached a server. Pingora's rule stays (a failed reused
+    /// connection is retried); in addition, an idempotent request whose body is fully replayable
+    /// is retried once on another server when this one broke off before any response byte.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        if !replayable {
+            e.set_retry(false);
+            return e;
+        }
+        e.retry.decide_reuse(client_reused);
+        if let Some(pool) = ctx.route.as_ref().map(|r| &r.pool)
+            && !e.retry()
+            && pool.retry_idempotent
+            && !ctx.retried_idempotent
+            && server_broke_off(&e)
+            && pool.has_untried(&ctx.tried)
+        {
+            ctx.retried_idempotent = true;
+            pool.retries.inc();
+            e.set_retry(true);
+        }
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -305,9 +351,9 @@ impl ProxyHttp for ShadowGate {
     }
 
     /// A client that hangs up mid-request is routine at the edge: it is counted
-    /// (status 499) rather than logged as an error.
+    /// (status 499) rather than logged as an error; so is a header over the listener's limits.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        client_went_away(e)
+        client_went_away(e) || matches!(e.etype(), ErrorType::HTTPStatus(431))
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -325,6 +371,14 @@ impl ProxyHttp for ShadowGate {
             .map_or(&self.no_route_metrics, |r| &r.metrics);
         metrics.observe(status, ctx.started.elapsed().as_secs_f64());
     }
+}
+
+/// The server reset or closed the connection, rather than timing out or answering badly.
+fn server_broke_off(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+    )
 }
 
 fn client_went_away(e: &Error) -> bool {
@@ -345,6 +399,10 @@ fn error_status(e: &Error) -> u16 {
         {
             504
         }
+        // The client paused longer than body_timeout_ms: NGINX's answer too.
+        ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => 408,
+        // The client stopped reading the response: nothing more can reach it.
+        ErrorType::WriteTimedout if e.esource() == &ErrorSource::Downstream => 0,
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
             ErrorSource::Downstream if client_went_away(e) => 0,

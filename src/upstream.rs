@@ -20,6 +20,7 @@ use pingora_load_balancing::selection::{
     BackendIter, BackendSelection, Consistent, Random, RoundRobin,
 };
 use pingora_load_balancing::{Backend, Backends, LoadBalancer, discovery};
+use pingora_prometheus::prometheus::IntCounter;
 
 use crate::config::{
     HealthCheckConfig, HealthCheckType, RequestKey, Selection, UpstreamConfig, UpstreamProtocol,
@@ -61,6 +62,12 @@ pub struct Pool {
     idle_timeout: Duration,
     /// How many more servers to try after a failed connect.
     pub connect_retries: u32,
+    /// Retry an idempotent request on another server after a failure before any response byte.
+    pub retry_idempotent: bool,
+    /// Number of server addresses, so a retry is only made when another one exists.
+    servers: usize,
+    /// Counts those retries.
+    pub retries: IntCounter,
 }
 
 impl Pool {
@@ -83,6 +90,11 @@ impl Pool {
             .select(key, tried)
             .or_else(|| self.balancer.select(key, &[]))
             .and_then(|b| b.addr.as_inet().copied())
+    }
+
+    /// Whether some server of the pool is not in `tried`.
+    pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
+        tried.len() < self.servers
     }
 
     /// The peer to connect to, carrying this pool's timeouts and protocol.
@@ -177,6 +189,9 @@ pub fn build_pools(
             write_timeout: Duration::from_millis(config.write_timeout_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             connect_retries: config.connect_retries,
+            retry_idempotent: config.retry_idempotent,
+            servers: config.servers.iter().map(|s| s.resolved.len()).sum(),
+            retries: metrics.upstream_retries(name),
         };
         by_name.insert(name.clone(), Arc::new(pool));
     }
