@@ -40,6 +40,17 @@ impl Proxy {
     /// Start shadowgate with `sections` (upstreams, routes, ...) plus a listener,
     /// a metrics endpoint and private runtime paths chosen here.
     pub async fn start(sections: &str) -> Proxy {
+        Self::start_with_client("", sections).await
+    }
+
+    /// Like `start`, with `client` as the listener's `client:` limits, e.g.
+    /// `"{ header_timeout_ms: 500 }"` (empty for none).
+    pub async fn start_with_client(client: &str, sections: &str) -> Proxy {
+        let client = if client.is_empty() {
+            String::new()
+        } else {
+            format!("    client: {client}\n")
+        };
         let dir = private_dir();
         let addr = free_port();
         let metrics_addr = free_port();
@@ -49,7 +60,7 @@ impl Proxy {
              upgrade_sock: {dir}/upgrade.sock\n\
              grace_period_seconds: 1\n\
              graceful_shutdown_timeout_seconds: 1\n\
-             listeners:\n  - address: \"{addr}\"\n\
+             listeners:\n  - address: \"{addr}\"\n{client}\
              metrics:\n  address: \"{metrics_addr}\"\n\
              {sections}\n",
             dir = dir.path().display()
