@@ -46,6 +46,9 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     /// Servers already tried for this request, so a retry goes elsewhere.
     tried: Vec<SocketAddr>,
+    /// Servers that refused the connection or broke it off before answering this request:
+    /// when every server was tried, a retry prefers the others.
+    failed: Vec<SocketAddr>,
     connect_failures: u32,
     /// Set once the one retry after a server broke off has been used.
     retried_idempotent: bool,
@@ -179,6 +182,7 @@ impl ProxyHttp for ShadowGate {
             started: Instant::now(),
             route: None,
             tried: Vec::new(),
+            failed: Vec::new(),
             connect_failures: 0,
             retried_idempotent: false,
             tee: MirrorTee::default(),
@@ -237,7 +241,8 @@ impl ProxyHttp for ShadowGate {
         let key = pool
             .hash_key()
             .and_then(|k| request::key_value(k, session.req_header(), client_ip(session)));
-        let Some(addr) = pool.select(key.as_deref().unwrap_or_default(), &ctx.tried) else {
+        let Some(addr) = pool.select(key.as_deref().unwrap_or_default(), &ctx.tried, &ctx.failed)
+        else {
             return Error::e_explain(
                 ErrorType::HTTPStatus(502),
                 format!("no healthy server in upstream {}", pool.name),
@@ -252,11 +257,12 @@ impl ProxyHttp for ShadowGate {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
+        ctx.failed.extend(peer._address.as_inet().copied());
         let retries = ctx.route.as_ref().map_or(0, |r| r.pool.connect_retries);
         // Nothing reached the server yet, so another server may take the request.
         e.set_retry(ctx.connect_failures <= retries);
@@ -275,6 +281,11 @@ impl ProxyHttp for ShadowGate {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // A stale pooled connection says nothing about the server; a fresh one failing does.
+        let broke_off = server_broke_off(&e) && !client_reused;
+        if broke_off {
+            ctx.failed.extend(peer._address.as_inet().copied());
+        }
         let replayable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
@@ -287,8 +298,8 @@ impl ProxyHttp for ShadowGate {
             && !e.retry()
             && pool.retry_idempotent
             && !ctx.retried_idempotent
-            && server_broke_off(&e)
-            && pool.has_untried(&ctx.tried)
+            && broke_off
+            && pool.has_server_besides(&ctx.failed)
         {
             ctx.retried_idempotent = true;
             pool.retries.inc();

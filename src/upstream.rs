@@ -81,20 +81,32 @@ impl Pool {
         self.protocol == UpstreamProtocol::H2c
     }
 
-    /// A healthy server, preferring ones not yet tried for this request.
+    /// A healthy server, preferring ones not yet tried for this request, then
+    /// ones that did not fail it.
     ///
     /// When every healthy server has been tried, any healthy server will do: a
     /// retry on the same server beats failing a request another server could not take.
-    pub fn select(&self, key: &[u8], tried: &[SocketAddr]) -> Option<SocketAddr> {
+    pub fn select(
+        &self,
+        key: &[u8],
+        tried: &[SocketAddr],
+        failed: &[SocketAddr],
+    ) -> Option<SocketAddr> {
         self.balancer
             .select(key, tried)
+            .or_else(|| self.balancer.select(key, failed))
             .or_else(|| self.balancer.select(key, &[]))
             .and_then(|b| b.addr.as_inet().copied())
     }
 
-    /// Whether some server of the pool is not in `tried`.
-    pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
-        tried.len() < self.servers
+    /// Whether the pool has a server that is not in `servers`.
+    pub fn has_server_besides(&self, servers: &[SocketAddr]) -> bool {
+        let distinct = servers
+            .iter()
+            .enumerate()
+            .filter(|(i, addr)| !servers[..*i].contains(addr))
+            .count();
+        distinct < self.servers
     }
 
     /// The peer to connect to, carrying this pool's timeouts and protocol.
