@@ -16,8 +16,8 @@ pub const PINGORA_MAX_HEADER_BYTES: u64 = 1_048_575;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientLimits {
-    /// Time for the whole request header, from the connection's start (first request) or
-    /// from the first byte of the request (later ones). A total, not a per-read timeout.
+    /// Time for the whole request header from its first byte: a total, not a per-read timeout.
+    /// (New connections reach the proxy with their first byte: the listeners use TCP_DEFER_ACCEPT.)
     pub header_timeout_ms: u64,
     /// Longest wait between two reads of the request body.
     pub body_timeout_ms: u64,

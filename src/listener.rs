@@ -20,7 +20,7 @@ use pingora_core::protocols::{Shutdown, Stream};
 use pingora_core::server::ShutdownWatch;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
-use pingora_proxy::HttpProxy;
+use pingora_proxy::{HttpProxy, Session};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ListenerConfig;
@@ -42,18 +42,26 @@ struct RequestState {
     header_received: AtomicBool,
     max_header_bytes: u64,
     max_headers: u64,
+    /// False when the listener has keep-alive off.
+    keepalive: bool,
 }
 
 /// Called from `early_request_filter`, which Pingora runs right after the header was read:
-/// stops the header clock, then answers 431 to a header over the listener's limits.
-pub fn header_received(req: &RequestHeader) -> Result<()> {
-    CURRENT_REQUEST
-        .try_with(|state| {
-            state.header_received.store(true, Ordering::Relaxed);
-            check_header_size(req, state.max_header_bytes, state.max_headers)
-        })
+/// stops the header clock, applies the listener's keep-alive switch (Pingora has just set
+/// keep-alive from the request's own `Connection` header), and answers 431 to a header over
+/// the listener's limits.
+pub fn header_received(session: &mut Session) -> Result<()> {
+    let Ok((max_bytes, max_headers, keepalive)) = CURRENT_REQUEST.try_with(|state| {
+        state.header_received.store(true, Ordering::Relaxed);
+        (state.max_header_bytes, state.max_headers, state.keepalive)
+    }) else {
         // Not under a ClientGate (an HTTP/2 stream): Pingora's own limits apply.
-        .unwrap_or(Ok(()))
+        return Ok(());
+    };
+    if !keepalive {
+        session.set_keepalive(None);
+    }
+    check_header_size(session.req_header(), max_bytes, max_headers)
 }
 
 fn check_header_size(req: &RequestHeader, max_bytes: u64, max_headers: u64) -> Result<()> {
@@ -228,6 +236,7 @@ impl ClientGate {
                 header_received: AtomicBool::new(false),
                 max_header_bytes: limits.max_header_bytes,
                 max_headers: limits.max_headers,
+                keepalive: keepalive.is_some(),
             });
             let request = CURRENT_REQUEST.scope(
                 state.clone(),
@@ -380,6 +389,47 @@ mod tests {
                 .unwrap();
         }
         req
+    }
+
+    fn listener(address: &str, max_connections: u32, per_ip: u32) -> ListenerState {
+        ListenerState {
+            address: address.parse().unwrap(),
+            limits: ClientLimits {
+                max_connections,
+                max_connections_per_ip: per_ip,
+                ..ClientLimits::default()
+            },
+            open: AtomicU32::new(0),
+            open_per_ip: Mutex::new(HashMap::new()),
+            metrics: Metrics::global().listener(&format!("unit-{address}")),
+        }
+    }
+
+    #[test]
+    fn slots_count_total_and_per_ip_and_are_given_back() {
+        let l = listener("127.0.0.1:1", 3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = l.admit(Some(a)).unwrap();
+        let _a2 = l.admit(Some(a)).unwrap();
+        assert!(matches!(l.admit(Some(a)), Err(Refusal::PerIp)));
+        let _b1 = l.admit(Some(b)).unwrap();
+        assert!(matches!(l.admit(Some(b)), Err(Refusal::Total)));
+        drop(a1);
+        assert_eq!(l.open.load(Ordering::Relaxed), 2);
+        let _a3 = l.admit(Some(a)).unwrap();
+        assert_eq!(lock(&l.open_per_ip).get(&a), Some(&2));
+    }
+
+    #[test]
+    fn a_wildcard_listener_serves_its_port_on_any_address() {
+        let wildcard = listener("0.0.0.0:8080", 1, 1);
+        assert!(wildcard.serves("10.1.2.3:8080".parse().unwrap()));
+        assert!(!wildcard.serves("10.1.2.3:8081".parse().unwrap()));
+        assert!(!wildcard.serves("[::1]:8080".parse().unwrap()));
+        let exact = listener("127.0.0.1:8080", 1, 1);
+        assert!(exact.serves("127.0.0.1:8080".parse().unwrap()));
+        assert!(!exact.serves("127.0.0.2:8080".parse().unwrap()));
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl ProxyHttp for ShadowGate {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        crate::listener::header_received(session.req_header())
+        crate::listener::header_received(session)
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {

@@ -530,7 +530,9 @@ fn client_limits_are_checked_field_by_field() {
         "listeners[0].client.max_headers: 500 is out of range; use a value from 1 to 256"
     );
     assert_eq!(
-        expect_error(&with_client("{ max_connections: 10, max_connections_per_ip: 20 }")),
+        expect_error(&with_client(
+            "{ max_connections: 10, max_connections_per_ip: 20 }"
+        )),
         "listeners[0].client.max_connections_per_ip: 20 is above max_connections (10); lower it or raise max_connections"
     );
     let error = expect_error(&with_client("{ header_timeout: 5000 }"));
