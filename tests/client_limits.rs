@@ -160,7 +160,11 @@ async fn slow_body_is_answered_408_at_body_timeout() {
     let started = std::time::Instant::now();
     let answer = read_rest(&mut stream).await;
     let took = started.elapsed();
-    assert!(answer.starts_with("HTTP/1.1 408"), "got {answer:?}");
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "got {answer:?} after {took:?}; proxy log:\n{}",
+        proxy.log()
+    );
     assert!(
         took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
         "answered after {took:?}"
