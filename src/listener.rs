@@ -209,11 +209,19 @@ impl ClientGate {
     ) {
         let limits = &listener.limits;
         let keepalive = limits.keepalive_timeout();
-        // Pingora applies its keep-alive timeout to each header read and decides reuse by it;
-        // the header deadline below is the real bound, so never let Pingora's be the shorter.
+        // Pingora applies its keep-alive timeout to each read of the first header (and then
+        // re-derives it from the request's `Connection` header); the header deadline below is
+        // the real bound, so Pingora's must never be the shorter.
         let pingora_keepalive = keepalive.map(|k| k.max(limits.header_timeout()).as_secs().max(1));
         let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
         let mut first = true;
+        // One per connection, re-armed for each request.
+        let state = Arc::new(RequestState {
+            header_received: AtomicBool::new(false),
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            keepalive: keepalive.is_some(),
+        });
         while let Some((mut stream, settings)) = next.take() {
             if !first && !next_request_arrives(&mut stream, keepalive, shutdown).await {
                 return;
@@ -232,12 +240,7 @@ impl ClientGate {
             }
             session.set_read_timeout(Some(limits.body_timeout()));
             session.set_write_timeout(Some(limits.send_timeout()));
-            let state = Arc::new(RequestState {
-                header_received: AtomicBool::new(false),
-                max_header_bytes: limits.max_header_bytes,
-                max_headers: limits.max_headers,
-                keepalive: keepalive.is_some(),
-            });
+            state.header_received.store(false, Ordering::Relaxed);
             let request = CURRENT_REQUEST.scope(
                 state.clone(),
                 self.proxy.process_new_http(session, shutdown),

@@ -119,6 +119,23 @@ async fn idle_time_between_requests_is_not_header_time() {
     // Idle for longer than the header deadline, shorter than keep-alive.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // A slow header on the kept-alive connection is timed from its first byte.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.write_all(b"X").await.is_err() {
+            break;
+        }
+    }
+    let took = started.elapsed()
+        + time_to_close(&mut stream, WAIT)
+            .await
+            .expect("the slow header was not cut off");
+    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
 }
 
 #[tokio::test]
