@@ -3,6 +3,8 @@
 
 pub mod access_log;
 pub mod config;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod mirror;
 pub mod process;
@@ -18,11 +20,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use log::info;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::{
     RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch,
 };
 use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
 
 pub use config::{Config, ConfigError};
 use metrics::Metrics;
@@ -57,7 +61,7 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
         proxy = proxy.with_access_log(Arc::new(log));
         server.add_service(background_service("access log", writer));
     }
-    add_proxy_services(&mut server, &config, proxy)?;
+    add_proxy_services(&mut server, &config, proxy, &metrics)?;
     server.add_service(background_service("upstream health checks", health_checks));
     let setup = process::ProcessSetup {
         listeners: config.listeners.iter().map(|l| l.address.0).collect(),
@@ -81,6 +85,7 @@ fn add_proxy_services(
     server: &mut Server,
     config: &Config,
     proxy: ShadowGate,
+    metrics: &Metrics,
 ) -> std::io::Result<()> {
     let cleartext_with = |h2c: bool| {
         config
@@ -97,6 +102,7 @@ fn add_proxy_services(
                 Some(_) => tls_joins_h2c == h2c,
                 None => l.h2c == h2c,
             })
+            .cloned()
             .collect();
         if listeners.is_empty() {
             continue;
@@ -106,27 +112,33 @@ fn add_proxy_services(
         } else {
             "shadowgate proxy"
         };
-        let mut service =
-            pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy.clone(), name);
-        if h2c && let Some(app) = service.app_logic_mut() {
+        let mut http_proxy = pingora_proxy::http_proxy(&server.configuration, proxy.clone());
+        if h2c {
             let mut options = pingora_core::apps::HttpServerOptions::default();
             options.h2c = true;
-            app.server_options = Some(options);
+            http_proxy.server_options = Some(options);
         }
-        for listener in listeners {
+        // Every connection passes the listener's client limits first.
+        let gate = listener::ClientGate::new(Arc::new(http_proxy), &listeners, metrics);
+        let mut service = Service::new(name.to_string(), gate);
+        for listener in &listeners {
             let address = listener.address.to_string();
+            let read_buffer = listener.client.read_buffer_bytes as usize;
+            let mut endpoint = pingora_core::listeners::ListenerConfig::tcp(address.clone())
+                .l4_buffer(L4BufferSettings::default().read(read_buffer));
             match &listener.tls {
                 Some(tls) => {
-                    service.add_tls_with_settings(&address, None, tls.settings()?);
+                    endpoint = endpoint.tls(tls.settings()?);
                     let alpn = if tls.h2 { "h2, http/1.1" } else { "http/1.1" };
                     info!("listening on https://{address} (ALPN {alpn})");
                 }
                 None => {
-                    service.add_tcp(&address);
                     let h2c = if h2c { " (and h2c)" } else { "" };
                     info!("listening on http://{address}{h2c}");
                 }
             }
+            info!("{address}: client limits {:?}", listener.client);
+            service.add_listener(endpoint);
         }
         server.add_service(service);
     }

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     server_healthy: IntGaugeVec,
     process_info: IntGaugeVec,
+    client_connections: IntGaugeVec,
+    client_refused: IntCounterVec,
+    client_header_timeouts: IntCounterVec,
+    upstream_retries: IntCounterVec,
 }
 
 impl Metrics {
@@ -138,6 +142,26 @@ impl Metrics {
                 "Always 1; labels identify the running process",
                 &["version", "pid"],
             ),
+            client_connections: gauge(
+                "shadowgate_client_connections",
+                "Client connections open now, by listener",
+                &["listener"],
+            ),
+            client_refused: counter(
+                "shadowgate_client_connections_refused_total",
+                "Client connections answered 503 and closed because a limit was reached",
+                &["listener", "limit"],
+            ),
+            client_header_timeouts: counter(
+                "shadowgate_client_header_timeouts_total",
+                "Connections closed because the request header did not arrive within header_timeout_ms",
+                &["listener"],
+            ),
+            upstream_retries: counter(
+                "shadowgate_upstream_retries_total",
+                "Idempotent requests retried on another server after a failure before any response byte",
+                &["upstream"],
+            ),
         }
     }
 
@@ -152,6 +176,25 @@ impl Metrics {
         self.server_healthy
             .with_label_values(&[upstream, server])
             .set(healthy as i64);
+    }
+
+    /// Handles for one listener's client connections.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            open: self.client_connections.with_label_values(&[listener]),
+            refused_total: self
+                .client_refused
+                .with_label_values(&[listener, "max_connections"]),
+            refused_per_ip: self
+                .client_refused
+                .with_label_values(&[listener, "max_connections_per_ip"]),
+            header_timeouts: self.client_header_timeouts.with_label_values(&[listener]),
+        }
+    }
+
+    /// The retry counter of one upstream pool.
+    pub fn upstream_retries(&self, upstream: &str) -> IntCounter {
+        self.upstream_retries.with_label_values(&[upstream])
     }
 
     /// Handles for one route.
@@ -210,6 +253,14 @@ impl RouteMetrics {
         }
         self.duration.observe(seconds);
     }
+}
+
+/// Pre-labelled metrics of one listener.
+pub struct ListenerMetrics {
+    pub open: IntGauge,
+    pub refused_total: IntCounter,
+    pub refused_per_ip: IntCounter,
+    pub header_timeouts: IntCounter,
 }
 
 /// Pre-labelled metrics of one mirror.

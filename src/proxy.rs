@@ -51,7 +51,12 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     /// Servers already tried for this request, so a retry goes elsewhere.
     tried: Vec<SocketAddr>,
+    /// Servers that refused the connection or broke it off before answering this request:
+    /// when every server was tried, a retry prefers the others.
+    failed: Vec<SocketAddr>,
     connect_failures: u32,
+    /// Set once the one retry after a server broke off has been used.
+    retried_idempotent: bool,
     tee: MirrorTee,
     /// The request's `X-Request-Id`, kept or made in `request_filter`.
     request_id: Option<HeaderValue>,
@@ -187,13 +192,15 @@ impl ProxyHttp for ShadowGate {
             started: Instant::now(),
             route: None,
             tried: Vec::new(),
+            failed: Vec::new(),
             connect_failures: 0,
+            retried_idempotent: false,
             tee: MirrorTee::default(),
             request_id: None,
         }
     }
 
-    /// Right after the request header is read: per-connection settings.
+    /// Right after the header was read: stop the listener's header clock, enforce its size limits.
     async fn early_request_filter(
         &self,
         session: &mut Session,
@@ -203,7 +210,7 @@ impl ProxyHttp for ShadowGate {
         // serves them one after another, each with its own body framing, so
         // each is mirrored (or not) on its own.
         session.set_pipelining_enabled(true);
-        Ok(())
+        crate::listener::header_received(session)
     }
 
     /// Refuse ambiguous requests, match the route, decide which mirrors sample it.
@@ -263,7 +270,8 @@ impl ProxyHttp for ShadowGate {
         let key = pool
             .hash_key()
             .and_then(|k| request::key_value(k, session.req_header(), client_ip(session)));
-        let Some(addr) = pool.select(key.as_deref().unwrap_or_default(), &ctx.tried) else {
+        let Some(addr) = pool.select(key.as_deref().unwrap_or_default(), &ctx.tried, &ctx.failed)
+        else {
             return Error::e_explain(
                 ErrorType::HTTPStatus(502),
                 format!("no healthy server in upstream {}", pool.name),
@@ -278,14 +286,54 @@ impl ProxyHttp for ShadowGate {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
+        ctx.failed.extend(peer._address.as_inet().copied());
         let retries = ctx.route.as_ref().map_or(0, |r| r.pool.connect_retries);
         // Nothing reached the server yet, so another server may take the request.
         e.set_retry(ctx.connect_failures <= retries);
+        e
+    }
+
+    /// A failure once the request reached a server. Pingora's rule stays (a failed reused
+    /// connection is retried); in addition, an idempotent request whose body is fully replayable
+    /// is retried once on another server when this one broke off before any response byte.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A stale pooled connection says nothing about the server; a fresh one failing does.
+        let broke_off = server_broke_off(&e) && !client_reused;
+        if broke_off {
+            ctx.failed.extend(peer._address.as_inet().copied());
+        }
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        if !replayable {
+            e.set_retry(false);
+            return e;
+        }
+        e.retry.decide_reuse(client_reused);
+        if let Some(pool) = ctx.route.as_ref().map(|r| &r.pool)
+            && !e.retry()
+            && pool.retry_idempotent
+            && !ctx.retried_idempotent
+            && broke_off
+            && pool.has_server_besides(&ctx.failed)
+        {
+            ctx.retried_idempotent = true;
+            pool.retries.inc();
+            e.set_retry(true);
+        }
         e
     }
 
@@ -367,9 +415,9 @@ impl ProxyHttp for ShadowGate {
     }
 
     /// A client that hangs up mid-request is routine at the edge: it is counted
-    /// (status 499) rather than logged as an error.
+    /// (status 499) rather than logged as an error; so is a header over the listener's limits.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        client_went_away(e)
+        client_went_away(e) || matches!(e.etype(), ErrorType::HTTPStatus(431))
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -438,6 +486,14 @@ fn access_log_entry(session: &Session, ctx: &RequestCtx, status: u16) -> access_
     }
 }
 
+/// The server reset or closed the connection, rather than timing out or answering badly.
+fn server_broke_off(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+    )
+}
+
 fn client_went_away(e: &Error) -> bool {
     e.esource() == &ErrorSource::Downstream
         && matches!(
@@ -456,6 +512,10 @@ fn error_status(e: &Error) -> u16 {
         {
             504
         }
+        // The client paused longer than body_timeout_ms: NGINX's answer too.
+        ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => 408,
+        // The client stopped reading the response: nothing more can reach it.
+        ErrorType::WriteTimedout if e.esource() == &ErrorSource::Downstream => 0,
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
             ErrorSource::Downstream if client_went_away(e) => 0,

@@ -20,6 +20,7 @@ use pingora_load_balancing::selection::{
     BackendIter, BackendSelection, Consistent, Random, RoundRobin,
 };
 use pingora_load_balancing::{Backend, Backends, LoadBalancer, discovery};
+use pingora_prometheus::prometheus::IntCounter;
 
 use crate::config::{
     HealthCheckConfig, HealthCheckPath, HealthCheckType, HostHeader, RequestKey, Selection,
@@ -62,6 +63,12 @@ pub struct Pool {
     idle_timeout: Duration,
     /// How many more servers to try after a failed connect.
     pub connect_retries: u32,
+    /// Retry an idempotent request on another server after a failure before any response byte.
+    pub retry_idempotent: bool,
+    /// Number of server addresses, so a retry is only made when another one exists.
+    servers: usize,
+    /// Counts those retries.
+    pub retries: IntCounter,
 }
 
 impl Pool {
@@ -75,15 +82,32 @@ impl Pool {
         self.protocol == UpstreamProtocol::H2c
     }
 
-    /// A healthy server, preferring ones not yet tried for this request.
+    /// A healthy server, preferring ones not yet tried for this request, then
+    /// ones that did not fail it.
     ///
     /// When every healthy server has been tried, any healthy server will do: a
     /// retry on the same server beats failing a request another server could not take.
-    pub fn select(&self, key: &[u8], tried: &[SocketAddr]) -> Option<SocketAddr> {
+    pub fn select(
+        &self,
+        key: &[u8],
+        tried: &[SocketAddr],
+        failed: &[SocketAddr],
+    ) -> Option<SocketAddr> {
         self.balancer
             .select(key, tried)
+            .or_else(|| self.balancer.select(key, failed))
             .or_else(|| self.balancer.select(key, &[]))
             .and_then(|b| b.addr.as_inet().copied())
+    }
+
+    /// Whether the pool has a server that is not in `servers`.
+    pub fn has_server_besides(&self, servers: &[SocketAddr]) -> bool {
+        let distinct = servers
+            .iter()
+            .enumerate()
+            .filter(|(i, addr)| !servers[..*i].contains(addr))
+            .count();
+        distinct < self.servers
     }
 
     /// The peer to connect to, carrying this pool's timeouts and protocol.
@@ -190,6 +214,9 @@ pub fn build_pools(
             write_timeout: Duration::from_millis(config.write_timeout_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             connect_retries: config.connect_retries,
+            retry_idempotent: config.retry_idempotent,
+            servers: config.servers.iter().map(|s| s.resolved.len()).sum(),
+            retries: metrics.upstream_retries(name),
         };
         by_name.insert(name.clone(), Arc::new(pool));
     }

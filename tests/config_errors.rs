@@ -698,3 +698,49 @@ fn the_valid_base_config_starts() {
     let started = run_start(&path, dir.path(), listener);
     assert!(started.code.is_none(), "did not start: {}", started.stderr);
 }
+
+/// `listeners[].client` limits: ranges and unknown keys name the exact field; a valid section passes.
+#[test]
+fn client_limits_are_checked_field_by_field() {
+    let with_client = |client: &str| {
+        VALID.replacen(
+            "  - address: \"127.0.0.1:18080\"\n",
+            &format!("  - address: \"127.0.0.1:18080\"\n    client: {client}\n"),
+            1,
+        )
+    };
+    assert!(
+        check(&with_client(
+            "{ header_timeout_ms: 5000, max_connections: 100, max_connections_per_ip: 10, read_buffer_bytes: 0 }"
+        ))
+        .success
+    );
+    assert_eq!(
+        expect_error(&with_client("{ header_timeout_ms: 0 }")),
+        "listeners[0].client.header_timeout_ms: 0 is out of range; use a value from 1 to 3600000"
+    );
+    assert_eq!(
+        expect_error(&with_client("{ max_headers: 500 }")),
+        "listeners[0].client.max_headers: 500 is out of range; use a value from 1 to 256"
+    );
+    assert_eq!(
+        expect_error(&with_client(
+            "{ max_connections: 10, max_connections_per_ip: 20 }"
+        )),
+        "listeners[0].client.max_connections_per_ip: 20 is above max_connections (10); lower it or raise max_connections"
+    );
+    let error = expect_error(&with_client("{ header_timeout: 5000 }"));
+    assert!(
+        error.starts_with("listeners[0].client.header_timeout: unknown field `header_timeout`"),
+        "{error}"
+    );
+    let error = expect_error(&VALID.replacen(
+        "    selection: round_robin\n",
+        "    selection: round_robin\n    retry_idempotent: maybe\n",
+        1,
+    ));
+    assert!(
+        error.starts_with("upstreams.app.retry_idempotent: invalid type"),
+        "{error}"
+    );
+}

@@ -61,6 +61,9 @@ pub struct ListenerConfig {
     /// Also accept cleartext HTTP/2 by prior knowledge on this (non-TLS) port.
     #[serde(default)]
     pub h2c: bool,
+    /// Timeouts and caps for the clients of this listener (`limits.rs`).
+    #[serde(default)]
+    pub client: crate::limits::ClientLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +97,10 @@ pub struct UpstreamConfig {
     /// How many more servers to try when connecting to one fails.
     #[serde(default = "default_connect_retries")]
     pub connect_retries: u32,
+    /// Retry an idempotent request once on another server when this one fails
+    /// before sending any response byte (see README, "Retries").
+    #[serde(default = "default_retry_idempotent")]
+    pub retry_idempotent: bool,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -107,6 +114,9 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_connect_retries() -> u32 {
     2
+}
+fn default_retry_idempotent() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -27,6 +27,9 @@ impl Config {
                     format!("{} is listed twice; remove the duplicate", listener.address),
                 ));
             }
+            listener.client.validate().map_err(|e| {
+                ConfigError::new(format!("listeners[{i}].client.{}", e.field), e.message)
+            })?;
         }
         if let Some(metrics) = &self.metrics
             && seen.contains(&metrics.address)

@@ -229,7 +229,7 @@ impl Mirror {
             .and_then(|k| request::key_value(k, primary, client_ip));
         let addr = self
             .pool
-            .select(key.as_deref().unwrap_or_default(), &[])
+            .select(key.as_deref().unwrap_or_default(), &[], &[])
             .ok_or(AbandonReason::NoHealthyBackend)?;
         let peer = self.pool.peer(addr);
 

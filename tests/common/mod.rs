@@ -58,6 +58,49 @@ pub async fn read_rest(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Read one HTTP/1 response with a Content-Length body from a kept-alive connection:
+/// (status line and header fields, body). `None` if the connection closed first.
+pub async fn read_response(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte: nothing past this response is consumed.
+    while !buf.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some((head, body))
+}
+
+/// Wait until the peer closes `stream` (EOF or reset), discarding what it sends;
+/// the time it took, or `None` if it stayed open for `limit`.
+pub async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(limit, async {
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await
+    .ok()?;
+    Some(started.elapsed())
+}
+
 /// Deterministic test body of `len` bytes.
 pub fn body_of(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()

@@ -47,6 +47,8 @@ pub struct OriginOptions {
     pub response_delay: Duration,
     /// Wait this long before reading each body frame: a slow reader.
     pub read_delay_per_frame: Duration,
+    /// When set, answer a body of this many bytes (`body_of`) instead of the summary line.
+    pub response_bytes: Option<usize>,
 }
 
 impl OriginOptions {
@@ -56,7 +58,13 @@ impl OriginOptions {
             status: 200,
             response_delay: Duration::ZERO,
             read_delay_per_frame: Duration::ZERO,
+            response_bytes: None,
         }
+    }
+
+    pub fn response_bytes(mut self, len: usize) -> Self {
+        self.response_bytes = Some(len);
+        self
     }
 
     pub fn response_delay(mut self, delay: Duration) -> Self {
@@ -239,11 +247,14 @@ async fn handle(
     if !options.response_delay.is_zero() {
         tokio::time::sleep(options.response_delay).await;
     }
-    let text = format!("{} {method} {uri} {body_len}\n", options.name);
+    let body = match options.response_bytes {
+        Some(len) => Bytes::from(super::body_of(len)),
+        None => Bytes::from(format!("{} {method} {uri} {body_len}\n", options.name)),
+    };
     Ok(Response::builder()
         .status(options.status)
         .header("x-origin", options.name.as_str())
-        .body(Full::new(Bytes::from(text)))
+        .body(Full::new(body))
         .expect("response"))
 }
 

@@ -43,6 +43,12 @@ impl Proxy {
         Self::start_with_listener("", sections).await
     }
 
+    /// Like `start`, with `client` as the listener's `client:` limits, e.g.
+    /// `"{ header_timeout_ms: 500 }"`.
+    pub async fn start_with_client(client: &str, sections: &str) -> Proxy {
+        Self::start_with_listener(&format!("    client: {client}"), sections).await
+    }
+
     /// Like `start`, with `listener_extra` written under the proxy's `- address:` line
     /// (keys like `    h2c: true`, or further `  - address:` listeners). In both texts
     /// `RUNTIME` stands for the proxy's private directory.

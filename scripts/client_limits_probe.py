@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Measure what slow and idle clients cost shadowgate, on loopback only.
+
+    scripts/client_limits_probe.py BINARY idle N [read_buffer_bytes]   RSS per idle keep-alive connection
+    scripts/client_limits_probe.py BINARY slowloris N                  slowloris connections closed in time
+    scripts/client_limits_probe.py BINARY kill [retry_idempotent]      502s when one of two origins is killed
+
+BINARY is a built shadowgate (e.g. target/release/shadowgate). Each mode starts its own
+origins and proxy on free 127.0.0.1 ports and stops them at the end. Raise `ulimit -n`
+above 2*N + 100 first.
+"""
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CLOSE_EACH = False
+
+
+async def origin_conn(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if length:
+                await reader.readexactly(length)
+            writer.write(RESPONSE)
+            await writer.drain()
+            if CLOSE_EACH:
+                break
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve_origin(port):
+    server = await asyncio.start_server(origin_conn, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+def start_origin(port, close_each=False):
+    """An origin in its own process, so it can be killed like a real one."""
+    p = subprocess.Popen([sys.executable, __file__, "-", "origin", str(port)] + (["close"] if close_each else []))
+    wait_port(port)
+    return p
+
+
+def wait_port(port, deadline=20):
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} never opened")
+
+
+def start_proxy(binary, origins, client="", pool_extra=""):
+    d = tempfile.mkdtemp()
+    os.chmod(d, 0o700)
+    port = free_port()
+    servers = "\n".join(f'      - {{ address: "127.0.0.1:{o}" }}' for o in origins)
+    client_line = f"    client: {client}\n" if client else ""
+    conf = (
+        f"threads: 2\npid_file: {d}/pid\nupgrade_sock: {d}/sock\n"
+        f"grace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n"
+        f'listeners:\n  - address: "127.0.0.1:{port}"\n{client_line}'
+        f"upstreams:\n  app:\n    servers:\n{servers}\n{pool_extra}"
+        f"routes:\n  - {{ name: all, upstream: app }}\n"
+    )
+    with open(f"{d}/c.yaml", "w") as f:
+        f.write(conf)
+    log = open(f"{d}/log", "w")
+    p = subprocess.Popen([binary, "-c", f"{d}/c.yaml"], stderr=log, stdout=subprocess.DEVNULL)
+    wait_port(port)
+    p.log_path = f"{d}/log"
+    return p, port
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def idle(binary, n, read_buffer):
+    o = free_port()
+    origin = start_origin(o)
+    client = f"{{ read_buffer_bytes: {read_buffer}, max_connections_per_ip: 100000, max_connections: 100000 }}" \
+        if read_buffer is not None else "{ max_connections_per_ip: 100000, max_connections: 100000 }"
+    proxy, port = start_proxy(binary, [o], client)
+    try:
+        # Warm up the threads and pools with a few requests first.
+        conns = []
+        for _ in range(20):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await r.readuntil(b"ok")
+            conns.append((r, w))
+        await asyncio.sleep(1)
+        before = rss_kib(proxy.pid)
+        for _ in range(n):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await r.readuntil(b"ok")
+            conns.append((r, w))
+        await asyncio.sleep(2)
+        after = rss_kib(proxy.pid)
+        per = (after - before) * 1024 / n
+        print(f"idle keep-alive: {n} connections, RSS {before/1024:.1f} -> {after/1024:.1f} MiB, "
+              f"{per:.0f} bytes per connection (read_buffer_bytes={'default' if read_buffer is None else read_buffer})")
+        for _, w in conns:
+            w.close()
+    finally:
+        proxy.kill()
+        origin.kill()
+
+
+async def slowloris(binary, n):
+    o = free_port()
+    origin = start_origin(o)
+    proxy, port = start_proxy(binary, [o], "{ max_connections_per_ip: 100000, max_connections: 100000 }")
+    try:
+        closed_at = []
+        start = time.time()
+
+        async def one():
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            try:
+                while time.time() - start < 60:
+                    try:
+                        await asyncio.wait_for(r.read(1), 5)
+                        closed_at.append(time.time() - start)
+                        return
+                    except asyncio.TimeoutError:
+                        w.write(b"a")
+                        await w.drain()
+            except ConnectionError:
+                closed_at.append(time.time() - start)
+            finally:
+                w.close()
+
+        await asyncio.gather(*(one() for _ in range(n)))
+        within = sum(1 for t in closed_at if t <= 12)
+        print(f"slowloris: {n} connections (a byte every 5 s), {len(closed_at)} closed by the proxy, "
+              f"{within} within 12 s; latest close at {max(closed_at, default=0):.1f} s")
+    finally:
+        proxy.kill()
+        origin.kill()
+
+
+async def kill(binary, retry):
+    a, b = free_port(), free_port()
+    # Origins close after each response, so every request is on a fresh upstream connection,
+    # the case Pingora does not retry by itself.
+    oa, ob = start_origin(a, True), start_origin(b, True)
+    extra = "" if retry else "    retry_idempotent: false\n"
+    proxy, port = start_proxy(binary, [a, b], "{ max_connections_per_ip: 100000, max_connections: 100000 }", extra)
+    statuses = {}
+    try:
+        stop = time.time() + 4
+
+        async def worker():
+            while time.time() < stop:
+                try:
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+                    while time.time() < stop:
+                        w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                        head = await r.readuntil(b"\r\n\r\n")
+                        status = int(head.split()[1])
+                        length = [int(l.split(b":")[1]) for l in head.split(b"\r\n")
+                                  if l.lower().startswith(b"content-length:")]
+                        await r.readexactly(length[0] if length else 0)
+                        statuses[status] = statuses.get(status, 0) + 1
+                        if b"connection: close" in head.lower():
+                            break
+                    w.close()
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    statuses["conn-error"] = statuses.get("conn-error", 0) + 1
+
+        async def killer():
+            await asyncio.sleep(1.5)
+            ob.send_signal(signal.SIGKILL)
+
+        await asyncio.gather(killer(), *(worker() for _ in range(32)))
+        print(f"kill one of two origins under load (retry_idempotent={retry}): {statuses}")
+        if os.environ.get("SHOW_ERRORS"):
+            with open(proxy.log_path) as f:
+                errors = [line for line in f if "ERROR" in line]
+            print("".join(errors[:8]))
+    finally:
+        proxy.kill()
+        oa.kill()
+        ob.kill()
+
+
+def main():
+    if sys.argv[1] == "-":
+        global CLOSE_EACH
+        CLOSE_EACH = sys.argv[4:] == ["close"]
+        asyncio.run(serve_origin(int(sys.argv[3])))
+        return
+    binary, mode = sys.argv[1], sys.argv[2]
+    if mode == "idle":
+        asyncio.run(idle(binary, int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else None))
+    elif mode == "slowloris":
+        asyncio.run(slowloris(binary, int(sys.argv[3])))
+    elif mode == "kill":
+        asyncio.run(kill(binary, (sys.argv[3] if len(sys.argv) > 3 else "true") == "true"))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

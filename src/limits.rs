@@ -1,0 +1,189 @@
+//! Client-side limits of a listener (`listeners[].client`): timeouts, keep-alive, connection caps
+//! and header size. Defaults are safe for a proxy facing the internet; `listener.rs` enforces them.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Pingora's own ceiling on header lines; a request with more gets its 400.
+pub const PINGORA_MAX_HEADERS: u64 = 256;
+/// Pingora's own ceiling on the request header size (1 MiB); above it, 400.
+pub const PINGORA_MAX_HEADER_BYTES: u64 = 1_048_575;
+
+/// Limits on what one client connection may hold and how slowly it may go.
+///
+/// Every field has a default, so `client:` may be left out or list only what differs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientLimits {
+    /// Time for the whole request header from its first byte: a total, not a per-read timeout.
+    /// (New connections reach the proxy with their first byte: the listeners use TCP_DEFER_ACCEPT.)
+    pub header_timeout_ms: u64,
+    /// Longest wait between two reads of the request body.
+    pub body_timeout_ms: u64,
+    /// Longest wait for one write to the client to make progress.
+    pub send_timeout_ms: u64,
+    /// Idle time allowed between two requests; 0 turns keep-alive off.
+    pub keepalive_timeout_ms: u64,
+    /// Requests served on one connection before it is closed.
+    pub keepalive_requests: u32,
+    /// Open connections on this listener; a connection over it gets 503 and is closed.
+    pub max_connections: u32,
+    /// Open connections from one client IP address on this listener; over it, 503 and close.
+    pub max_connections_per_ip: u32,
+    /// Size of the request line plus header fields; over it, 431.
+    pub max_header_bytes: u64,
+    /// Number of header fields; over it, 431.
+    pub max_headers: u64,
+    /// Read buffer of each connection. Pingora's default of 64 KiB is most of an idle
+    /// connection's memory; large bodies are read in larger pieces regardless.
+    pub read_buffer_bytes: u64,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            send_timeout_ms: 30_000,
+            keepalive_timeout_ms: 60_000,
+            keepalive_requests: 1_000,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            read_buffer_bytes: 4 * 1024,
+        }
+    }
+}
+
+/// A limit out of range: the field (relative to `client`) and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ClientLimits {
+    /// Check every value against its sane range.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        let hour = 3_600_000;
+        let checks: [(&'static str, u64, u64, u64); 10] = [
+            ("header_timeout_ms", self.header_timeout_ms, 1, hour),
+            ("body_timeout_ms", self.body_timeout_ms, 1, hour),
+            ("send_timeout_ms", self.send_timeout_ms, 1, hour),
+            ("keepalive_timeout_ms", self.keepalive_timeout_ms, 0, hour),
+            (
+                "keepalive_requests",
+                self.keepalive_requests as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "max_connections",
+                self.max_connections as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_connections_per_ip",
+                self.max_connections_per_ip as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_header_bytes",
+                self.max_header_bytes,
+                1024,
+                PINGORA_MAX_HEADER_BYTES,
+            ),
+            ("max_headers", self.max_headers, 1, PINGORA_MAX_HEADERS),
+            ("read_buffer_bytes", self.read_buffer_bytes, 0, 1 << 20),
+        ];
+        for (field, value, min, max) in checks {
+            if value < min || value > max {
+                return Err(LimitError {
+                    field,
+                    message: format!("{value} is out of range; use a value from {min} to {max}"),
+                });
+            }
+        }
+        if self.max_connections_per_ip > self.max_connections {
+            return Err(LimitError {
+                field: "max_connections_per_ip",
+                message: format!(
+                    "{} is above max_connections ({}); lower it or raise max_connections",
+                    self.max_connections_per_ip, self.max_connections
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms)
+    }
+
+    /// `None` when keep-alive is off.
+    pub fn keepalive_timeout(&self) -> Option<Duration> {
+        (self.keepalive_timeout_ms > 0).then(|| Duration::from_millis(self.keepalive_timeout_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(ClientLimits::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn out_of_range_names_the_field() {
+        let limits = ClientLimits {
+            max_headers: 300,
+            ..ClientLimits::default()
+        };
+        let err = limits.validate().unwrap_err();
+        assert_eq!(err.field, "max_headers");
+        assert!(err.message.contains("from 1 to 256"), "{}", err.message);
+    }
+
+    #[test]
+    fn per_ip_cannot_exceed_total() {
+        let limits = ClientLimits {
+            max_connections: 10,
+            max_connections_per_ip: 20,
+            ..ClientLimits::default()
+        };
+        assert_eq!(
+            limits.validate().unwrap_err().field,
+            "max_connections_per_ip"
+        );
+    }
+
+    #[test]
+    fn partial_section_keeps_other_defaults() {
+        let limits: ClientLimits = serde_yaml::from_str("max_headers: 50").unwrap();
+        assert_eq!(limits.max_headers, 50);
+        assert_eq!(limits.header_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn zero_keepalive_turns_it_off() {
+        let limits = ClientLimits {
+            keepalive_timeout_ms: 0,
+            ..ClientLimits::default()
+        };
+        assert_eq!(limits.keepalive_timeout(), None);
+    }
+}

@@ -1,0 +1,458 @@
+//! The client side of the listeners: a `ServerApp` around Pingora's HTTP proxy that enforces
+//! `listeners[].client` — connection caps, a total header deadline, idle, body and send timeouts.
+//!
+//! Pingora's own HTTP/1 loop applies its keep-alive timeout to each `read()` of the header, so a
+//! client sending a byte now and then holds a connection for ever. This app runs that loop
+//! itself: it waits for the next request with the keep-alive timeout, then races the request
+//! against a deadline that `early_request_filter` disarms once the header is in.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::debug;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::{ALPN, Shutdown, Stream};
+use pingora_core::server::ShutdownWatch;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::RequestHeader;
+use pingora_proxy::{HttpProxy, Session};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::ListenerConfig;
+use crate::limits::ClientLimits;
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::proxy::ShadowGate;
+
+/// How long a refused connection may take to send its request before it gets its 503,
+/// and then to close its side after reading it.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+tokio::task_local! {
+    /// The request being read on this connection's task; read by `header_received`.
+    static CURRENT_REQUEST: Arc<RequestState>;
+}
+
+/// What the proxy's first filter needs to know about the request it runs in.
+struct RequestState {
+    header_received: AtomicBool,
+    max_header_bytes: u64,
+    max_headers: u64,
+    /// False when the listener has keep-alive off.
+    keepalive: bool,
+}
+
+/// Called from `early_request_filter`, which Pingora runs right after the header was read:
+/// stops the header clock, applies the listener's keep-alive switch (Pingora has just set
+/// keep-alive from the request's own `Connection` header), and answers 431 to a header over
+/// the listener's limits.
+pub fn header_received(session: &mut Session) -> Result<()> {
+    let Ok((max_bytes, max_headers, keepalive)) = CURRENT_REQUEST.try_with(|state| {
+        state.header_received.store(true, Ordering::Relaxed);
+        (state.max_header_bytes, state.max_headers, state.keepalive)
+    }) else {
+        // Not under a ClientGate (an HTTP/2 stream): Pingora's own limits apply.
+        return Ok(());
+    };
+    if !keepalive {
+        session.set_keepalive(None);
+    }
+    check_header_size(session.req_header(), max_bytes, max_headers)
+}
+
+fn check_header_size(req: &RequestHeader, max_bytes: u64, max_headers: u64) -> Result<()> {
+    let count = req.headers.len() as u64;
+    if count > max_headers {
+        return Error::e_explain(
+            ErrorType::HTTPStatus(431),
+            format!("request has {count} header fields; the listener allows {max_headers}"),
+        );
+    }
+    let bytes = header_bytes(req);
+    if bytes > max_bytes {
+        return Error::e_explain(
+            ErrorType::HTTPStatus(431),
+            format!("request header is {bytes} bytes; the listener allows {max_bytes}"),
+        );
+    }
+    Ok(())
+}
+
+/// Size of the header as sent: request line and fields with their separators.
+fn header_bytes(req: &RequestHeader) -> u64 {
+    let request_line = req.method.as_str().len() + 1 + req.raw_path().len() + 1 + 8 + 2;
+    let fields: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    (request_line + fields + 2) as u64
+}
+
+/// The proxy, fronted by each listener's client limits.
+pub struct ClientGate {
+    proxy: Arc<HttpProxy<ShadowGate>>,
+    listeners: Vec<ListenerState>,
+}
+
+/// One listener's limits and its open connections.
+struct ListenerState {
+    address: SocketAddr,
+    limits: ClientLimits,
+    open: AtomicU32,
+    open_per_ip: Mutex<HashMap<IpAddr, u32>>,
+    metrics: ListenerMetrics,
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Total,
+    PerIp,
+}
+
+/// A connection's place in its listener's counts, given back when dropped.
+struct Slot<'a> {
+    listener: &'a ListenerState,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let listener = self.listener;
+        listener.open.fetch_sub(1, Ordering::Relaxed);
+        listener.metrics.open.dec();
+        if let Some(ip) = self.ip {
+            let mut per_ip = lock(&listener.open_per_ip);
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The counts stay consistent even if a holder panicked: each update is one step.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ListenerState {
+    fn admit(&self, ip: Option<IpAddr>) -> std::result::Result<Slot<'_>, Refusal> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::Total);
+        }
+        if let Some(ip) = ip {
+            let mut per_ip = lock(&self.open_per_ip);
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= self.limits.max_connections_per_ip {
+                drop(per_ip);
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                return Err(Refusal::PerIp);
+            }
+            *n += 1;
+        }
+        self.metrics.open.inc();
+        Ok(Slot { listener: self, ip })
+    }
+
+    /// Does a connection accepted on `local` belong to this listener?
+    fn serves(&self, local: SocketAddr) -> bool {
+        self.address == local
+            || (self.address.ip().is_unspecified()
+                && self.address.port() == local.port()
+                && self.address.is_ipv4() == local.is_ipv4())
+    }
+}
+
+impl ClientGate {
+    pub fn new(
+        proxy: Arc<HttpProxy<ShadowGate>>,
+        listeners: &[ListenerConfig],
+        metrics: &Metrics,
+    ) -> Self {
+        let listeners = listeners
+            .iter()
+            .map(|l| ListenerState {
+                address: l.address.0,
+                limits: l.client.clone(),
+                open: AtomicU32::new(0),
+                open_per_ip: Mutex::new(HashMap::new()),
+                metrics: metrics.listener(&l.address.to_string()),
+            })
+            .collect();
+        ClientGate { proxy, listeners }
+    }
+
+    fn listener_of(&self, stream: &Stream) -> Option<&ListenerState> {
+        if let [only] = self.listeners.as_slice() {
+            return Some(only);
+        }
+        let digest = stream.get_socket_digest()?;
+        let local = *digest.local_addr()?.as_inet()?;
+        self.listeners.iter().find(|l| l.serves(local))
+    }
+
+    /// The HTTP/1 keep-alive loop of one connection, with the listener's limits.
+    async fn serve_http1(
+        &self,
+        listener: &ListenerState,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) {
+        let limits = &listener.limits;
+        let keepalive = limits.keepalive_timeout();
+        // Pingora applies its keep-alive timeout to each read of the first header (and then
+        // re-derives it from the request's `Connection` header); the header deadline below is
+        // the real bound, so Pingora's must never be the shorter.
+        let pingora_keepalive = keepalive.map(|k| k.max(limits.header_timeout()).as_secs().max(1));
+        let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
+        let mut first = true;
+        // One per connection, re-armed for each request.
+        let state = Arc::new(RequestState {
+            header_received: AtomicBool::new(false),
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            keepalive: keepalive.is_some(),
+        });
+        while let Some((mut stream, settings)) = next.take() {
+            // A pipelined request is already read (Pingora holds its bytes), so
+            // waiting for the socket would stall it until the keep-alive timeout.
+            let pipelined = settings.as_ref().is_some_and(|s| s.has_pipelined_prefix());
+            if !first && !pipelined && !next_request_arrives(&mut stream, keepalive, shutdown).await
+            {
+                return;
+            }
+            let mut session = ServerSession::new_http1(stream);
+            match settings {
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => {
+                    session.set_keepalive(pingora_keepalive);
+                    // The first request plus this many more.
+                    session.set_keepalive_reuses_remaining(Some(limits.keepalive_requests - 1));
+                }
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            session.set_read_timeout(Some(limits.body_timeout()));
+            session.set_write_timeout(Some(limits.send_timeout()));
+            state.header_received.store(false, Ordering::Relaxed);
+            let request = CURRENT_REQUEST.scope(
+                state.clone(),
+                self.proxy.process_new_http(session, shutdown),
+            );
+            let reusable = tokio::select! {
+                reusable = request => reusable,
+                _ = header_deadline(&state, limits.header_timeout()) => {
+                    debug!("request header not received within {:?}: closing", limits.header_timeout());
+                    listener.metrics.header_timeouts.inc();
+                    return;
+                }
+            };
+            next = reusable.map(|r| r.consume());
+            first = false;
+        }
+    }
+}
+
+/// Wait for the first byte of the next request on a kept-alive connection: `false` when the
+/// client stays idle past the keep-alive timeout, closes, or the server is shutting down.
+async fn next_request_arrives(
+    stream: &mut Stream,
+    keepalive: Option<Duration>,
+    shutdown: &ShutdownWatch,
+) -> bool {
+    let Some(keepalive) = keepalive else {
+        return false;
+    };
+    let mut first_byte = [0u8; 1];
+    tokio::select! {
+        // `try_peek` reads one byte and puts it back for the header parser.
+        peeked = tokio::time::timeout(keepalive, stream.try_peek(&mut first_byte)) => {
+            matches!(peeked, Ok(Ok(true)))
+        }
+        _ = shutting_down(shutdown) => false,
+    }
+}
+
+async fn shutting_down(shutdown: &ShutdownWatch) {
+    let mut watch = shutdown.clone();
+    while !*watch.borrow_and_update() {
+        if watch.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Resolves when the header has not arrived within `limit`; never once it has.
+async fn header_deadline(state: &RequestState, limit: Duration) {
+    tokio::time::sleep(limit).await;
+    if state.header_received.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Answer 503 to a connection over a limit. The request (if it comes quickly) is read first
+/// and the client's close awaited briefly, so the answer is not lost to a reset.
+async fn refuse(mut stream: Stream, why: Refusal) {
+    let body: &[u8] = match why {
+        Refusal::Total => b"too many connections to this listener\n",
+        Refusal::PerIp => b"too many connections from your address\n",
+    };
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut buf = [0u8; 2048];
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let mut tail = [0u8; 4];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    for &b in &buf[..n] {
+                        tail = [tail[1], tail[2], tail[3], b];
+                    }
+                    if &tail == b"\r\n\r\n" {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    if stream.write_all(response.as_bytes()).await.is_err()
+        || stream.write_all(body).await.is_err()
+        || stream.flush().await.is_err()
+    {
+        return;
+    }
+    Shutdown::shutdown(&mut *stream).await;
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+#[async_trait]
+impl ServerApp for ClientGate {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let Some(listener) = self.listener_of(&stream) else {
+            // Not one of ours (cannot happen): Pingora's own handling.
+            return self.proxy.process_new(stream, shutdown).await;
+        };
+        let ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let _slot = match listener.admit(ip) {
+            Ok(slot) => slot,
+            Err(why) => {
+                match why {
+                    Refusal::Total => listener.metrics.refused_total.inc(),
+                    Refusal::PerIp => listener.metrics.refused_per_ip.inc(),
+                }
+                debug!(
+                    "refusing a connection from {ip:?} on {}: {why:?} limit",
+                    listener.address
+                );
+                refuse(stream, why).await;
+                return None;
+            }
+        };
+        let h2c = self.proxy.server_options().is_some_and(|o| o.h2c);
+        if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 is served by Pingora (its own idle and stream limits); the
+            // connection caps still apply. HTTP/1 over TLS gets the loop below.
+            return self.proxy.process_new(stream, shutdown).await;
+        }
+        self.serve_http1(listener, stream, shutdown).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: usize, value_len: usize) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/path", None).unwrap();
+        for i in 0..headers {
+            req.append_header(format!("x-h{i}"), "v".repeat(value_len))
+                .unwrap();
+        }
+        req
+    }
+
+    fn listener(address: &str, max_connections: u32, per_ip: u32) -> ListenerState {
+        ListenerState {
+            address: address.parse().unwrap(),
+            limits: ClientLimits {
+                max_connections,
+                max_connections_per_ip: per_ip,
+                ..ClientLimits::default()
+            },
+            open: AtomicU32::new(0),
+            open_per_ip: Mutex::new(HashMap::new()),
+            metrics: Metrics::global().listener(&format!("unit-{address}")),
+        }
+    }
+
+    #[test]
+    fn slots_count_total_and_per_ip_and_are_given_back() {
+        let l = listener("127.0.0.1:1", 3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = l.admit(Some(a)).unwrap();
+        let _a2 = l.admit(Some(a)).unwrap();
+        assert!(matches!(l.admit(Some(a)), Err(Refusal::PerIp)));
+        let _b1 = l.admit(Some(b)).unwrap();
+        assert!(matches!(l.admit(Some(b)), Err(Refusal::Total)));
+        drop(a1);
+        assert_eq!(l.open.load(Ordering::Relaxed), 2);
+        let _a3 = l.admit(Some(a)).unwrap();
+        assert_eq!(lock(&l.open_per_ip).get(&a), Some(&2));
+    }
+
+    #[test]
+    fn a_wildcard_listener_serves_its_port_on_any_address() {
+        let wildcard = listener("0.0.0.0:8080", 1, 1);
+        assert!(wildcard.serves("10.1.2.3:8080".parse().unwrap()));
+        assert!(!wildcard.serves("10.1.2.3:8081".parse().unwrap()));
+        assert!(!wildcard.serves("[::1]:8080".parse().unwrap()));
+        let exact = listener("127.0.0.1:8080", 1, 1);
+        assert!(exact.serves("127.0.0.1:8080".parse().unwrap()));
+        assert!(!exact.serves("127.0.0.2:8080".parse().unwrap()));
+    }
+
+    #[test]
+    fn header_bytes_counts_line_and_fields() {
+        let req = request(1, 3);
+        // "GET /path HTTP/1.1\r\n" + "x-h0: vvv\r\n" + "\r\n"
+        assert_eq!(header_bytes(&req), 20 + 11 + 2);
+    }
+
+    #[test]
+    fn too_many_fields_or_bytes_is_431() {
+        let over_count = check_header_size(&request(5, 1), 10_000, 4).unwrap_err();
+        assert_eq!(over_count.etype(), &ErrorType::HTTPStatus(431));
+        let over_bytes = check_header_size(&request(2, 600), 1_000, 100).unwrap_err();
+        assert_eq!(over_bytes.etype(), &ErrorType::HTTPStatus(431));
+        assert!(check_header_size(&request(4, 10), 1_000, 4).is_ok());
+    }
+}

@@ -1,0 +1,431 @@
+//! Slow and idle clients, connection caps and oversize headers (`listeners[].client`), and the
+//! retry of idempotent requests when a server breaks off before answering.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{
+    Misbehavior, Origin, OriginOptions, Proxy, RawOrigin, WAIT, client, pool, read_response,
+    read_rest, time_to_close,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A proxy in front of one recording origin, with these client limits.
+async fn proxy_with_client(client: &str) -> (Proxy, Origin) {
+    let origin = Origin::start(OriginOptions::named("app")).await;
+    let proxy = Proxy::start_with_client(
+        client,
+        &format!(
+            "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
+            pool("app", &[origin.addr], "")
+        ),
+    )
+    .await;
+    (proxy, origin)
+}
+
+const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: test\r\n\r\n";
+
+async fn open_connections(proxy: &Proxy) -> f64 {
+    proxy
+        .metric(
+            "shadowgate_client_connections",
+            &[("listener", &proxy.addr.to_string())],
+        )
+        .await
+}
+
+async fn wait_for_open(proxy: &Proxy, n: f64) {
+    proxy
+        .wait_for_metric(
+            "shadowgate_client_connections",
+            &[("listener", &proxy.addr.to_string())],
+            |v| v == n,
+            WAIT,
+        )
+        .await;
+}
+
+/// One GET on a kept-alive connection; the response head.
+async fn get_on(stream: &mut TcpStream) -> String {
+    stream.write_all(GET).await.expect("write request");
+    let (head, _) = read_response(stream).await.expect("response");
+    head
+}
+
+async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source address"))
+        .expect("bind source");
+    socket.connect(to).await.expect("connect")
+}
+
+#[tokio::test]
+async fn slow_header_is_closed_at_the_header_deadline() {
+    let (proxy, origin) = proxy_with_client("{ header_timeout_ms: 1000 }").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.split();
+    // Slowloris: a byte every 100 ms, each well within any per-read timeout.
+    let dribble = async {
+        writer.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").await.ok()?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            writer.write_all(b"a").await.ok()?;
+        }
+        #[allow(unreachable_code)]
+        Some(())
+    };
+    let closed = async {
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(WAIT, async {
+            while matches!(
+                tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await,
+                Ok(n) if n > 0
+            ) {}
+        })
+        .await;
+        started.elapsed()
+    };
+    let took = tokio::select! {
+        took = closed => took,
+        _ = dribble => panic!("the proxy stopped taking bytes without closing"),
+    };
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
+        "closed after {took:?}, header_timeout_ms is 1000"
+    );
+    assert_eq!(origin.count(), 0);
+    proxy
+        .wait_for_metric(
+            "shadowgate_client_header_timeouts_total",
+            &[("listener", &proxy.addr.to_string())],
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn idle_time_between_requests_is_not_header_time() {
+    let (proxy, _origin) =
+        proxy_with_client("{ header_timeout_ms: 300, keepalive_timeout_ms: 5000 }").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // Idle for longer than the header deadline, shorter than keep-alive.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // A slow header on the kept-alive connection is timed from its first byte.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.write_all(b"X").await.is_err() {
+            break;
+        }
+    }
+    let took = started.elapsed()
+        + time_to_close(&mut stream, WAIT)
+            .await
+            .expect("the slow header was not cut off");
+    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+}
+
+#[tokio::test]
+async fn idle_keepalive_connection_is_closed_after_keepalive_timeout() {
+    let (proxy, _origin) = proxy_with_client("{ keepalive_timeout_ms: 500 }").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+    let took = time_to_close(&mut stream, WAIT)
+        .await
+        .expect("the idle connection stayed open");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn keepalive_timeout_zero_closes_after_each_response() {
+    let (proxy, _origin) = proxy_with_client("{ keepalive_timeout_ms: 0 }").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let head = get_on(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(time_to_close(&mut stream, WAIT).await.is_some());
+}
+
+#[tokio::test]
+async fn slow_body_is_answered_408_at_body_timeout() {
+    let (proxy, _origin) = proxy_with_client("{ body_timeout_ms: 500 }").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nfirst bytes")
+        .await
+        .expect("write");
+    // ... and nothing more.
+    let started = std::time::Instant::now();
+    let answer = read_rest(&mut stream).await;
+    let took = started.elapsed();
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "got {answer:?} after {took:?}; proxy log:\n{}",
+        proxy.log()
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
+        "answered after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_that_does_not_read_is_dropped_at_send_timeout() {
+    const LARGE: usize = 64 * 1024 * 1024;
+    let origin = Origin::start(OriginOptions::named("big").response_bytes(LARGE)).await;
+    let proxy = Proxy::start_with_client(
+        "{ send_timeout_ms: 500 }",
+        &format!(
+            "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
+            pool("app", &[origin.addr], "")
+        ),
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(GET).await.expect("write");
+    origin.wait_for(1, WAIT).await;
+    // Never read: once the socket buffers are full the proxy's writes stall.
+    wait_for_open(&proxy, 1.0).await;
+    wait_for_open(&proxy, 0.0).await;
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1024 * 1024];
+    let _ = tokio::time::timeout(WAIT, async {
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+            if n == 0 {
+                break;
+            }
+            received += n;
+        }
+    })
+    .await;
+    assert!(
+        received < LARGE,
+        "the whole {LARGE}-byte response arrived; the client was not dropped"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_get_503_and_slots_are_freed() {
+    let (proxy, _origin) =
+        proxy_with_client("{ max_connections: 3, max_connections_per_ip: 3 }").await;
+    // Kept-alive connections after one request each. (The listener uses TCP_DEFER_ACCEPT:
+    // a connection that has sent nothing is not handed to the proxy at all.)
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+        held.push(stream);
+    }
+    wait_for_open(&proxy, 3.0).await;
+
+    let mut extra = TcpStream::connect(proxy.addr).await.expect("connect");
+    extra.write_all(GET).await.expect("write");
+    let answer = read_rest(&mut extra).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "got {answer:?}");
+    assert!(answer.contains("too many connections to this listener"));
+    assert_eq!(
+        proxy
+            .metric(
+                "shadowgate_client_connections_refused_total",
+                &[("limit", "max_connections")]
+            )
+            .await,
+        1.0
+    );
+
+    // The connections within the limit are still served.
+    for stream in &mut held {
+        assert!(get_on(stream).await.starts_with("HTTP/1.1 200"));
+    }
+    // A closed connection gives its slot back.
+    drop(held.pop());
+    wait_for_open(&proxy, 2.0).await;
+    let mut again = TcpStream::connect(proxy.addr).await.expect("connect");
+    assert!(get_on(&mut again).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_per_ip_get_503_others_are_served() {
+    let (proxy, _origin) = proxy_with_client("{ max_connections_per_ip: 2 }").await;
+    let mut a1 = connect_from("127.0.0.1", proxy.addr).await;
+    let mut a2 = connect_from("127.0.0.1", proxy.addr).await;
+    assert!(get_on(&mut a1).await.starts_with("HTTP/1.1 200"));
+    assert!(get_on(&mut a2).await.starts_with("HTTP/1.1 200"));
+    wait_for_open(&proxy, 2.0).await;
+
+    let mut a3 = connect_from("127.0.0.1", proxy.addr).await;
+    a3.write_all(GET).await.expect("write");
+    let answer = read_rest(&mut a3).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "got {answer:?}");
+    assert!(answer.contains("too many connections from your address"));
+
+    // Another address is not affected, nor are the first two.
+    let mut b = connect_from("127.0.0.2", proxy.addr).await;
+    assert!(get_on(&mut b).await.starts_with("HTTP/1.1 200"));
+    assert!(get_on(&mut a1).await.starts_with("HTTP/1.1 200"));
+    assert!(get_on(&mut a2).await.starts_with("HTTP/1.1 200"));
+
+    drop(a1);
+    wait_for_open(&proxy, 2.0).await;
+    let mut a4 = connect_from("127.0.0.1", proxy.addr).await;
+    assert!(get_on(&mut a4).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn connection_closes_after_keepalive_requests() {
+    let (proxy, origin) = proxy_with_client("{ keepalive_requests: 3 }").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    for i in 1..=3 {
+        let head = get_on(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+        let closes = head.to_ascii_lowercase().contains("connection: close");
+        assert_eq!(closes, i == 3, "request {i}: {head}");
+    }
+    assert!(time_to_close(&mut stream, WAIT).await.is_some());
+    assert_eq!(origin.count(), 3);
+}
+
+#[tokio::test]
+async fn oversize_headers_get_431() {
+    let (proxy, origin) = proxy_with_client("{ max_header_bytes: 2048, max_headers: 10 }").await;
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: test\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(3000)
+    );
+    let answer = common::raw_exchange(proxy.addr, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "got {answer:?}");
+
+    let many: String = (0..12).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let answer = common::raw_exchange(
+        proxy.addr,
+        format!("GET /many HTTP/1.1\r\nHost: test\r\n{many}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "got {answer:?}");
+
+    // Within both limits: served.
+    let fits: String = (0..7)
+        .map(|i| format!("X-H{i}: {}\r\n", "v".repeat(100)))
+        .collect();
+    let answer = common::raw_exchange(
+        proxy.addr,
+        format!("GET /fits HTTP/1.1\r\nHost: test\r\n{fits}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "got {answer:?}");
+    assert_eq!(origin.count(), 1);
+}
+
+/// A pool of a good origin and one that resets every connection before answering.
+async fn proxy_to_good_and_resetting(pool_extra: &str) -> (Proxy, Origin, RawOrigin) {
+    let good = Origin::start(OriginOptions::named("good")).await;
+    let bad = RawOrigin::start(Misbehavior::ResetAfter(1)).await;
+    let proxy = Proxy::start(&format!(
+        "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
+        pool("app", &[good.addr, bad.addr], pool_extra)
+    ))
+    .await;
+    (proxy, good, bad)
+}
+
+#[tokio::test]
+async fn idempotent_request_is_retried_on_another_server_after_a_reset() {
+    let (proxy, good, bad) = proxy_to_good_and_resetting("").await;
+    let client = client();
+    for i in 0..6 {
+        let (status, origin, _) = common::get(&client, &proxy.url(&format!("/r{i}"))).await;
+        assert_eq!((status, origin.as_str()), (200, "good"), "request {i}");
+    }
+    assert!(
+        bad.connections() >= 1,
+        "the resetting server was never tried"
+    );
+    assert_eq!(good.count(), 6);
+    let retries = proxy
+        .metric("shadowgate_upstream_retries_total", &[("upstream", "app")])
+        .await;
+    assert_eq!(retries, bad.connections() as f64);
+}
+
+#[tokio::test]
+async fn post_is_not_retried_after_a_reset() {
+    let (proxy, good, bad) = proxy_to_good_and_resetting("").await;
+    let client = client();
+    // The pool does retry: GETs all succeed, some of them on their second server.
+    for i in 0..4 {
+        assert_eq!(
+            common::get(&client, &proxy.url(&format!("/g{i}"))).await.0,
+            200
+        );
+    }
+    let retried = bad.connections();
+    assert!(retried >= 1);
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let resp = client
+            .post(proxy.url(&format!("/p{i}")))
+            .body(vec![b'x'; 1000])
+            .send()
+            .await
+            .expect("response");
+        statuses.push(resp.status().as_u16());
+    }
+    let failed = statuses.iter().filter(|s| **s == 502).count();
+    assert!(
+        failed >= 1,
+        "no POST reached the resetting server: {statuses:?}"
+    );
+    assert_eq!(failed, bad.connections() - retried, "{statuses:?}");
+    assert_eq!(good.count(), 4 + 4 - failed, "{statuses:?}");
+    // Only the GETs were retried.
+    assert_eq!(
+        proxy
+            .metric("shadowgate_upstream_retries_total", &[("upstream", "app")])
+            .await,
+        retried as f64
+    );
+}
+
+#[tokio::test]
+async fn retry_can_be_switched_off_per_pool() {
+    let (proxy, _good, bad) = proxy_to_good_and_resetting("    retry_idempotent: false\n").await;
+    let client = client();
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(common::get(&client, &proxy.url(&format!("/n{i}"))).await.0);
+    }
+    assert!(statuses.contains(&502), "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        bad.connections()
+    );
+}
+
+#[tokio::test]
+async fn open_connection_gauge_counts_down_to_zero() {
+    let (proxy, _origin) = proxy_with_client("{}").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(open_connections(&proxy).await, 1.0);
+    drop(stream);
+    wait_for_open(&proxy, 0.0).await;
+}
