@@ -15,7 +15,7 @@ use std::str::FromStr;
 use pingora_core::server::configuration::ServerConf;
 
 use error::from_yaml_text;
-use runtime_dir::apply_private_runtime_dir;
+use runtime_dir::{apply_private_runtime_dir, apply_runtime_defaults};
 use schema::{SHADOWGATE_KEYS, Sections};
 
 pub use crate::access_log::AccessLogConfig;
@@ -85,6 +85,7 @@ impl FromStr for Config {
             access_log: sections.access_log,
         };
         apply_private_runtime_dir(&mut config.server, &mapping);
+        apply_runtime_defaults(&mut config.server, &mapping);
         config.validate()?;
         Ok(config)
     }
@@ -187,6 +188,19 @@ routes:
         assert_eq!(config.mirror_budget_bytes, DEFAULT_MIRROR_BUDGET_BYTES);
         assert!(config.metrics.is_none());
         assert!(!config.server.upgrade_sock.starts_with("/tmp/pingora"));
+    }
+
+    #[test]
+    fn one_thread_runs_without_work_stealing_unless_asked() {
+        let one = parse(&format!("threads: 1\n{MINIMAL}")).unwrap();
+        assert!(!one.server.work_stealing);
+        let asked = parse(&format!("threads: 1\nwork_stealing: true\n{MINIMAL}")).unwrap();
+        assert!(asked.server.work_stealing);
+        let two = parse(&format!("threads: 2\n{MINIMAL}")).unwrap();
+        assert!(
+            two.server.work_stealing,
+            "Pingora's default stays with more threads"
+        );
     }
 
     #[test]
