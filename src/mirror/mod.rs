@@ -209,7 +209,7 @@ impl Mirror {
     /// Start a shadow session for this request, or say why not.
     fn start(
         self: &Arc<Self>,
-        primary: &RequestHeader,
+        primary: RequestHeader,
         client_ip: Option<IpAddr>,
         body: RequestBody,
     ) -> Result<Tap, AbandonReason> {
@@ -226,7 +226,7 @@ impl Mirror {
         let key = self
             .pool
             .hash_key()
-            .and_then(|k| request::key_value(k, primary, client_ip));
+            .and_then(|k| request::key_value(k, &primary, client_ip));
         let addr = self
             .pool
             .select(key.as_deref().unwrap_or_default(), &[], &[])
@@ -240,7 +240,7 @@ impl Mirror {
             self.runtime.budget.clone(),
         ));
         let session = ShadowSession {
-            header: self.shadow_header(primary, body),
+            header: Some(Box::new(self.shadow_header(primary, body))),
             peer,
             inbox: rx,
             abort: abort.clone(),
@@ -270,8 +270,8 @@ impl Mirror {
     /// upstream (after Pingora's sanitising and our forwarding headers), framed
     /// for the shadow's protocol, less `Expect` and `Proxy-Authorization`, plus
     /// this mirror's edits and the marker.
-    fn shadow_header(&self, primary: &RequestHeader, body: RequestBody) -> RequestHeader {
-        let mut header = primary.clone();
+    fn shadow_header(&self, primary: RequestHeader, body: RequestBody) -> RequestHeader {
+        let mut header = primary;
         // The shadow gets the body regardless and must not answer `100 Continue`;
         // credentials meant for a proxy are not the shadow's business.
         header.remove_header(&http::header::EXPECT);
@@ -457,19 +457,29 @@ impl MirrorTee {
         let Some(header) = self.primary_header.take() else {
             return;
         };
-        for slot in std::mem::take(&mut self.pending) {
-            let Some((mirror, outcome)) = self.outcomes.get_mut(slot) else {
-                continue;
-            };
-            match mirror.start(&header, self.client_ip, self.body) {
-                Ok(mut tap) => {
-                    tap.slot = slot;
-                    self.taps.push(tap);
-                }
-                Err(reason) => {
-                    mirror.abandoned(reason);
-                    *outcome = MirrorOutcome::Abandoned(reason);
-                }
+        // Each shadow edits its own copy; the last one takes the header itself.
+        let mut pending = std::mem::take(&mut self.pending);
+        let last = pending.pop();
+        for slot in pending {
+            self.start_shadow(slot, header.clone());
+        }
+        if let Some(slot) = last {
+            self.start_shadow(slot, header);
+        }
+    }
+
+    fn start_shadow(&mut self, slot: usize, header: RequestHeader) {
+        let Some((mirror, outcome)) = self.outcomes.get_mut(slot) else {
+            return;
+        };
+        match mirror.start(header, self.client_ip, self.body) {
+            Ok(mut tap) => {
+                tap.slot = slot;
+                self.taps.push(tap);
+            }
+            Err(reason) => {
+                mirror.abandoned(reason);
+                *outcome = MirrorOutcome::Abandoned(reason);
             }
         }
     }

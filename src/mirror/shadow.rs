@@ -62,7 +62,8 @@ enum Outcome {
 
 /// One mirrored request, owned by its own task.
 pub(super) struct ShadowSession {
-    pub header: RequestHeader,
+    /// Taken by the exchange when it writes it (no copy).
+    pub header: Option<Box<RequestHeader>>,
     pub peer: HttpPeer,
     pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
     pub abort: Arc<AbortSignal>,
@@ -83,6 +84,12 @@ impl ShadowSession {
         let mirror = self.mirror.clone();
         let abort = self.abort.clone();
         let started = Instant::now();
+        // For the outcome's log line: cheap clones (a known method, a shared path).
+        let (method, uri) = self
+            .header
+            .as_ref()
+            .map(|h| (h.method.clone(), h.uri.clone()))
+            .unwrap_or_default();
         mirror.metrics.in_flight.inc();
         let outcome = tokio::select! {
             biased;
@@ -96,8 +103,8 @@ impl ShadowSession {
         self.inbox.close();
         while self.inbox.try_recv().is_ok() {}
         mirror.metrics.in_flight.dec();
-        let method = self.header.method.as_str();
-        let path = self.header.uri.path();
+        let method = method.as_str();
+        let path = uri.path();
         match outcome {
             Outcome::Completed { status } => {
                 let seconds = started.elapsed().as_secs_f64();
@@ -136,10 +143,10 @@ impl ShadowSession {
                 return Outcome::Abandoned(ConnectError);
             }
         };
-        if let Err(e) = session
-            .write_request_header(Box::new(self.header.clone()))
-            .await
-        {
+        let Some(header) = self.header.take() else {
+            return Outcome::Abandoned(UpstreamError);
+        };
+        if let Err(e) = session.write_request_header(header).await {
             debug!("shadow request header to {} failed: {e}", self.peer);
             return Outcome::Abandoned(UpstreamError);
         }
