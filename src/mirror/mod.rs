@@ -2,6 +2,7 @@
 //! The primary never waits on a shadow: each hand-off is a non-blocking try, and trouble abandons only that shadow.
 
 pub mod budget;
+pub mod conns;
 pub mod executor;
 pub mod sampler;
 pub mod shadow;
@@ -99,7 +100,10 @@ impl std::fmt::Display for MirrorOutcome {
 /// What every mirror of the process shares: one connection pool to shadow
 /// upstreams and one budget for queued bytes.
 pub struct MirrorRuntime {
+    /// HTTP/2 shadow pools: Pingora's connector and pool.
     connector: Arc<Connector>,
+    /// HTTP/1 shadow pools: our own idle lists (cheaper per request).
+    connections: conns::ShadowConnections,
     budget: Arc<ByteBudget>,
     executor: ShadowExecutor,
 }
@@ -115,6 +119,7 @@ impl MirrorRuntime {
         let options = pingora_core::connectors::ConnectorOptions::new(keepalive_pool_size);
         MirrorRuntime {
             connector: Arc::new(Connector::new(Some(options))),
+            connections: conns::ShadowConnections::new(keepalive_pool_size),
             budget: Arc::new(ByteBudget::new(
                 budget_bytes,
                 metrics.mirror_queued_bytes.clone(),
@@ -242,6 +247,7 @@ impl Mirror {
         let session = ShadowSession {
             header: Some(Box::new(self.shadow_header(primary, body))),
             peer,
+            addr,
             inbox: rx,
             abort: abort.clone(),
             mirror: self.clone(),

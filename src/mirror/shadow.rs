@@ -1,11 +1,14 @@
 //! The shadow session: a detached task that sends one mirrored request to a shadow upstream.
 //! It streams body chunks as the primary hands them over, reads and discards the response, and records the outcome.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use log::debug;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::protocols::http::v1::client::HttpSession as HttpSessionV1;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
@@ -65,6 +68,8 @@ pub(super) struct ShadowSession {
     /// Taken by the exchange when it writes it (no copy).
     pub header: Option<Box<RequestHeader>>,
     pub peer: HttpPeer,
+    /// The shadow server `peer` points at.
+    pub addr: SocketAddr,
     pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
     pub abort: Arc<AbortSignal>,
     pub mirror: Arc<Mirror>,
@@ -135,9 +140,24 @@ impl ShadowSession {
 
     async fn exchange(&mut self) -> Outcome {
         use AbandonReason::{ConnectError, PrimaryAborted, UpstreamError};
-        let connector = &self.mirror.runtime.connector;
-        let mut session = match connector.get_http_session(&self.peer).await {
-            Ok((session, _reused)) => session,
+        let runtime = &self.mirror.runtime;
+        let connected = if self.mirror.pool.is_h2() {
+            runtime
+                .connector
+                .get_http_session(&self.peer)
+                .await
+                .map(|(session, _reused)| session)
+        } else {
+            runtime
+                .connections
+                .get(&self.peer, self.addr, self.peer.idle_timeout())
+                .await
+                .map(|(stream, _reused)| {
+                    HttpSession::H1(HttpSessionV1::new_with_options(stream, &self.peer))
+                })
+        };
+        let mut session = match connected {
+            Ok(session) => session,
             Err(e) => {
                 debug!("shadow connect to {} failed: {e}", self.peer);
                 return Outcome::Abandoned(ConnectError);
@@ -202,9 +222,20 @@ impl ShadowSession {
                 }
             }
         }
-        connector
-            .release_http_session(session, &self.peer, self.peer.idle_timeout())
-            .await;
+        match session {
+            HttpSession::H1(mut h1) => {
+                h1.respect_keepalive();
+                if let Some(stream) = h1.reuse().await {
+                    runtime.connections.put(self.addr, stream);
+                }
+            }
+            session => {
+                runtime
+                    .connector
+                    .release_http_session(session, &self.peer, self.peer.idle_timeout())
+                    .await
+            }
+        }
         Outcome::Completed { status }
     }
 }
