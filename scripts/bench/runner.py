@@ -4,9 +4,10 @@
 Reads the manifest bench.sh writes (targets, pids, CPUs, tools, parameters),
 warms every target up, then runs every scenario REPEATS times, alternating the
 targets inside each scenario (A B C D E, then B C D E A, ...). Each run records
-throughput or latency, errors, CPU time and peak RSS of the proxy under test,
-how many requests reached the origin and the shadow, shadowgate's own mirror
-counters, and how much CPU time processes outside the benchmark took meanwhile.
+throughput or latency, errors, CPU time (and CPU µs per request) and peak RSS of
+the proxy under test, how many requests reached the origin and the shadow,
+shadowgate's own mirror counters, and how much CPU time processes outside the
+benchmark took meanwhile.
 One JSON object per run is appended to raw-runs.jsonl in the results folder.
 """
 
@@ -23,7 +24,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy
 
-MAIN = ["direct", "shadowgate", "shadowgate_mirror", "nginx", "nginx_mirror"]
+# Fixed-rate latency: the proxies plain and with a 100% mirror to the shadow with a body.
+LATENCY = ["direct", "shadowgate", "shadowgate_mirror", "nginx", "nginx_mirror"]
+# Closed loop: the same, plus a 100% mirror to the keep-alive 204 shadow, whose
+# CPU cost against the plain proxy is the extra CPU per mirrored request.
+MAIN = ["direct", "shadowgate", "shadowgate_mirror", "shadowgate_mirror_204",
+        "nginx", "nginx_mirror", "nginx_mirror_204"]
 SLOW = ["shadowgate", "shadowgate_mirror_slow", "nginx", "nginx_mirror_slow"]
 
 
@@ -297,7 +303,7 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     P = m["params"]
     pids = process_tree(t["pids"][0]) if t["kind"] == "nginx" else list(t["pids"])
     # The shadow this target mirrors to (if any), and the primary origin.
-    shadow = {"fast": m["origins"]["shadow"], "slow": m["origins"]["slow_shadow"]}.get(t.get("mirror"))
+    shadow = m["origins"][t["shadow"]] if t.get("shadow") else None
     origin = m["origins"]["origin"]
 
     pre_idle_foreign = settle(m, state, 0.0 if warmup else P["gap_s"])
@@ -325,6 +331,9 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     cpu1 = cpu_ticks(pids)
     # Let in-flight shadow requests land before counting them (the slow one needs its delay).
     time.sleep(scenario.get("drain_s", 0.2))
+    # CPU per request counts the shadow work still in flight when the load
+    # ended; busy (below) is over the load alone. Idle proxies take ~0 ticks.
+    cpu2 = cpu_ticks(pids)
     o1 = stub_requests(origin["status_url"])
     s1 = stub_requests(shadow["status_url"]) if shadow else None
     sg1 = sg_mirror_counters(t["metrics_url"]) if t.get("metrics_url") else None
@@ -335,14 +344,17 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     ours_s = (ours1 - ours0) / CLK_TCK
     foreign_s = max(0.0, busy_s - ours_s - gen_s)
     cpu_s = (cpu1 - cpu0) / CLK_TCK
+    cpu_s_with_drain = (cpu2 - cpu0) / CLK_TCK
+    proxied = t["kind"] != "direct" and res.get("requests")
     rec = {
         "scenario": scenario["id"], "target": name, "repeat": repeat, "warmup": warmup,
         "time": time.strftime("%H:%M:%S"), "wall_s": round(wall, 3),
         **res,
         "proxy_cpu_s": round(cpu_s, 3) if t["kind"] != "direct" else None,
         "proxy_cpu_util": round(cpu_s / wall / t.get("threads", 1), 3) if t["kind"] != "direct" and wall else None,
-        "cpu_s_per_10k": (round(cpu_s / res["requests"] * 1e4, 4)
-                          if t["kind"] != "direct" and res.get("requests") else None),
+        "proxy_cpu_s_with_drain": round(cpu_s_with_drain, 3) if t["kind"] != "direct" else None,
+        "cpu_s_per_10k": round(cpu_s_with_drain / res["requests"] * 1e4, 4) if proxied else None,
+        "cpu_us_per_req": round(cpu_s_with_drain / res["requests"] * 1e6, 3) if proxied else None,
         "generator_cpu_s": round(gen_s, 3),
         "foreign_cpu_s": round(foreign_s, 3),
         "foreign_cpu_share": round(foreign_s / (wall * ncpu), 4) if wall else 0,
@@ -369,7 +381,7 @@ def scenarios(P):
         {"id": "get_c1", "kind": "closed", "conns": 1, "targets": MAIN},
         {"id": "get_c16", "kind": "closed", "conns": 16, "targets": MAIN},
         {"id": "get_c64", "kind": "closed", "conns": 64, "targets": MAIN},
-        {"id": "latency", "kind": "rate", "conns": P["latency_conns"], "rate": P["rate"], "targets": MAIN},
+        {"id": "latency", "kind": "rate", "conns": P["latency_conns"], "rate": P["rate"], "targets": LATENCY},
         {"id": "slow_shadow", "kind": "rate", "conns": P["slow_conns"], "rate": P["slow_rate"],
          "targets": SLOW, "drain_s": P["slow_delay_ms"] / 1000.0 + 0.3},
         {"id": "post_1mib", "kind": "closed", "conns": P["post_conns"], "body": P["post_bytes"], "targets": MAIN},
@@ -454,6 +466,10 @@ def main():
                     done += 1
                     lat = rec.get("latency_ms", {})
                     extra = f" p99 {lat.get('p99', 0):8.2f} ms" if sc["kind"] == "rate" else ""
+                    if rec.get("cpu_us_per_req") is not None:
+                        extra += f" {rec['cpu_us_per_req']:7.1f} µs CPU/req"
+                    if rec.get("mirrored_share") is not None:
+                        extra += f" mirrored {rec['mirrored_share']:.0%}"
                     flags = []
                     if not rec["ok"]:
                         flags.append(f"ERRORS {rec.get('failure')}")
