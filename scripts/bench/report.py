@@ -767,7 +767,7 @@ def chart(manifest, cells, runs, closed, rate_scen):
             cx = x + (bw - 2) / 2
             parts.append(f'<line x1="{cx:.1f}" y1="{sy(lo):.1f}" x2="{cx:.1f}" y2="{sy(hi):.1f}" stroke="#222"/>')
             lab = f"{rps / 1000:.1f}k" if rps >= 1000 else f"{rps:.0f}"
-            parts.append(f'<text x="{cx:.1f}" y="{sy(hi) - 4:.1f}" font-size="9" text-anchor="middle">{lab}</text>')
+            parts.append(f'<text x="{cx:.1f}" y="{sy(hi) - 4:.1f}" font-size="{9 if len(tgts) <= 5 else 8}" text-anchor="middle">{lab}</text>')
         parts.append(f'<text x="{gx + gw * 0.4:.1f}" y="{bottom + 16}" font-size="11" text-anchor="middle">{esc(SHORT.get(sid, sid))}</text>')
     parts.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#444"/>')
     lx, ly = left, bottom + 30
