@@ -144,6 +144,9 @@ def aggregate(manifest, runs):
                 "cpu_s_per_10k": median([r["cpu_s_per_10k"] for r in ok if r.get("cpu_s_per_10k") is not None]),
                 "proxy_cpu_util": median([r["proxy_cpu_util"] for r in ok if r.get("proxy_cpu_util") is not None]),
                 "mirrored_share": median([r["mirrored_share"] for r in ok if r.get("mirrored_share") is not None]),
+                # New connections the shadow accepted per request it received (keep-alive: near 0).
+                "shadow_conns_per_req": median([r["shadow_connections"] / r["shadow_requests"] for r in ok
+                                                if r.get("shadow_connections") is not None and r.get("shadow_requests")]),
                 "foreign_cpu_share_max": max([r.get("foreign_cpu_share", 0) for r in rs] or [0]),
             }
             if sc["kind"] == "rate":
@@ -300,8 +303,11 @@ def cpu_section(manifest, runs, cells):
       "median over runs without errors, [min–max] over repeats. **extra per mirrored request** = (CPU/request with "
       "the mirror − the same proxy's CPU/request without) / mirrored share, paired by repeat.")
     w("")
-    w("| scenario | target | CPU µs/request | [min–max] | CPU s/10k | mirrored | extra CPU µs per mirrored request [min–max] |")
-    w("|---|---|---:|---:|---:|---:|---:|")
+    w("**shadow conns/1k** is how many new connections the shadow accepted per 1,000 requests it received "
+      "(near 0 when the proxy keeps its shadow connections alive).")
+    w("")
+    w("| scenario | target | CPU µs/request | [min–max] | CPU s/10k | mirrored | shadow conns/1k | extra CPU µs per mirrored request [min–max] |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|")
     data = {"cells": {}, "ratios": {}}
     for sc in scen:
         sid = sc["id"]
@@ -326,8 +332,9 @@ def cpu_section(manifest, runs, cells):
                 xs = f"{extra['median']:+.1f} [{extra['min']:+.1f} – {extra['max']:+.1f}]"
             else:
                 xs = f"{extra['median']:+.1f}"
+            conns = fmt_num(1000 * c["shadow_conns_per_req"], 1) if c.get("shadow_conns_per_req") is not None else "–"
             w(f"| {SCEN_LABEL.get(sid, sid)} | {LABEL[t]} | {fmt_us(us['median']) if us else '–'} | {rng} | "
-              f"{fmt_num(c['cpu_s_per_10k'], 3)} | {mirrored} | {xs} |")
+              f"{fmt_num(c['cpu_s_per_10k'], 3)} | {mirrored} | {conns} | {xs} |")
     w("")
     with_ratios = [sc["id"] for sc in scen if "shadowgate" in sc["targets"] and "nginx" in sc["targets"]]
     if with_ratios:
@@ -659,7 +666,12 @@ def build(out, elapsed, build_s=None):
                          + ", ".join(f"{k}={v}" for k, v in sorted(ab.items())))
         if c.get("mirrored_share") is not None and c["mirrored_share"] < 0.98:
             notes.append(f"{c['scenario']} / {c['target']}: the shadow received only {c['mirrored_share']:.0%} of the requests")
-        elif c["target"] in PLAIN_OF and c["ok_runs"] and c.get("mirrored_share") is None:
+        if (c.get("shadow_conns_per_req") or 0) > 0.01:
+            notes.append(f"{c['scenario']} / {c['target']}: the shadow accepted {1000 * c['shadow_conns_per_req']:.0f} new "
+                         "connections per 1,000 mirrored requests: shadow connections are not kept alive"
+                         + (" (NGINX's mirror closes its shadow connection after a response with a body; "
+                            "with the 204 shadow it keeps it)" if c["target"].startswith("nginx_mirror") else ""))
+        if c["target"] in PLAIN_OF and c["ok_runs"] and c.get("mirrored_share") is None:
             notes.append(f"{c['scenario']} / {c['target']}: the shadow's request count could not be read, "
                          "so neither delivery nor the extra CPU per mirrored request is known")
         if c.get("saturated_runs"):

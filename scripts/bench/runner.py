@@ -113,20 +113,31 @@ def http_get(url, timeout=2.0):
         return resp.read().decode("utf-8", "replace")
 
 
-def stub_requests(url):
-    """Requests counted by an NGINX stub_status page or the slow shadow's status page."""
+def stub_counts(url):
+    """Counters of an NGINX stub_status page ({requests, accepts}) or of the slow
+    shadow's status page ({requests}); None if unreadable. "own" is how many
+    requests and connections the page counts for its own reading."""
     try:
         text = http_get(url)
     except Exception:
         return None
     lines = text.splitlines()
     if lines and lines[0].startswith("Active connections"):
-        # "server accepts handled requests" / " A H R"; subtract our own status request.
-        return int(lines[2].split()[2]) - 1
+        # "server accepts handled requests" / " A H R", this status request included.
+        accepts, _, requests = (int(x) for x in lines[2].split())
+        return {"requests": requests, "accepts": accepts, "own": 1}
     for line in lines:
         if line.startswith("started "):
-            return int(line.split()[1])
+            return {"requests": int(line.split()[1]), "accepts": None, "own": 0}
     return None
+
+
+def count_diff(before, after, key):
+    """What the server counted between two readings, without the later reading itself
+    (the earlier one counts itself in its own figure)."""
+    if not before or not after or before[key] is None or after[key] is None:
+        return None
+    return after[key] - before[key] - after["own"]
 
 
 def sg_mirror_counters(url):
@@ -307,8 +318,8 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     origin = m["origins"]["origin"]
 
     pre_idle_foreign = settle(m, state, 0.0 if warmup else P["gap_s"])
-    o0 = stub_requests(origin["status_url"])
-    s0 = stub_requests(shadow["status_url"]) if shadow else None
+    o0 = stub_counts(origin["status_url"])
+    s0 = stub_counts(shadow["status_url"]) if shadow else None
     sg0 = sg_mirror_counters(t["metrics_url"]) if t.get("metrics_url") else None
     cpu0 = cpu_ticks(pids)
     gen0 = children_cpu_seconds()
@@ -334,8 +345,8 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     # CPU per request counts the shadow work still in flight when the load
     # ended; busy (below) is over the load alone. Idle proxies take ~0 ticks.
     cpu2 = cpu_ticks(pids)
-    o1 = stub_requests(origin["status_url"])
-    s1 = stub_requests(shadow["status_url"]) if shadow else None
+    o1 = stub_counts(origin["status_url"])
+    s1 = stub_counts(shadow["status_url"]) if shadow else None
     sg1 = sg_mirror_counters(t["metrics_url"]) if t.get("metrics_url") else None
 
     ncpu = m["cpu_count"]
@@ -359,8 +370,10 @@ def measure(m, scenario, name, repeat, state, warmup=False):
         "foreign_cpu_s": round(foreign_s, 3),
         "foreign_cpu_share": round(foreign_s / (wall * ncpu), 4) if wall else 0,
         "foreign_share_before": round(pre_idle_foreign, 4),
-        "origin_requests": (o1 - o0) if o0 is not None and o1 is not None else None,
-        "shadow_requests": (s1 - s0) if s0 is not None and s1 is not None else None,
+        "origin_requests": count_diff(o0, o1, "requests"),
+        "shadow_requests": count_diff(s0, s1, "requests"),
+        # New connections the shadow accepted: near 0 when the proxy keeps them alive.
+        "shadow_connections": count_diff(s0, s1, "accepts"),
     }
     if t["kind"] == "nginx":
         rec["rss_hwm_kb_sum"] = sum(status_kb(p, "VmHWM") for p in pids)
