@@ -2,16 +2,19 @@
 # Load-test shadowgate side by side with the origin itself and with NGINX
 # (plain reverse proxy, and with ngx_http_mirror_module), in one run.
 #
-#   scripts/bench.sh            full run: 3 repeats, about 11-13 minutes
+#   scripts/bench.sh            full run: 3 repeats, about 14-16 minutes
 #   scripts/bench.sh --quick    smoke run: 1 short repeat, about 1-2 minutes
 #   scripts/bench.sh --help     all options
 #
 # What it does: builds the release binary, starts fixed-cost origins on
-# 127.0.0.1 (NGINX `return 200`, plus a Python shadow that answers after
-# 500 ms), starts every proxy configuration pinned to its own CPUs, then
-# measures them alternately (A B C D E, B C D E A, ...) after a warm-up.
-# Results go to results/<timestamp>/: results.md (tables, targets),
-# results.json (every raw figure), chart.svg, and the logs.
+# 127.0.0.1 (NGINX `return 200` with a body for the origin and one shadow,
+# NGINX `return 204` for a keep-alive shadow with no body, and a Python shadow
+# that answers after 500 ms), starts every proxy configuration pinned to its
+# own CPUs, then measures them alternately (A B C D E, B C D E A, ...) after a
+# warm-up. Each mirror target is checked against its shadow's request count.
+# Results go to results/<timestamp>/: results.md (tables, CPU per request and
+# per mirrored request, targets), results.json (every raw figure), chart.svg,
+# and the logs.
 #
 # Traffic goes only to 127.0.0.1; every load run has a hard time limit.
 # Nothing here touches the system NGINX: each instance has its own prefix,
@@ -45,10 +48,17 @@ Usage: scripts/bench.sh [options]
                         settle (default 120; quick 10)
   --only LIST           only these scenarios, comma-separated: get_c1,get_c16,
                         get_c64,latency,slow_shadow,post_1mib,no_keepalive
+                        (the CPU-per-request targets use get_c1,get_c16,get_c64)
   --no-build            use the existing target/release/shadowgate
   --no-install          never install missing tools, only name them
   --out DIR             results folder (default results/<timestamp>)
   -h, --help            this help
+
+Targets: direct (the origin), shadowgate and NGINX plain, each with a 100%
+mirror to a shadow answering 200 with a body, to a keep-alive shadow answering
+204 with no body (the closed-loop scenarios), and to a shadow answering after
+--slow-delay-ms (slow_shadow). The report gives CPU µs per request, the extra
+CPU per mirrored request, and the ratios shadowgate/NGINX against the targets.
 
 Environment: BENCH_PROXY_CPUS, BENCH_LOAD_CPUS, BENCH_THREADS and OHA (path
 to an oha binary) set the same defaults.
@@ -247,10 +257,12 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 P_ORIGIN=$PORT_BASE
 P_SHADOW=$((PORT_BASE + 1))
 P_SLOW=$((PORT_BASE + 2))
-P_SG=$((PORT_BASE + 10)); P_SG_M=$((PORT_BASE + 11)); P_SG_MS=$((PORT_BASE + 12))
-P_MET=$((PORT_BASE + 20)); P_MET_M=$((PORT_BASE + 21)); P_MET_MS=$((PORT_BASE + 22))
-P_NG=$((PORT_BASE + 30)); P_NG_M=$((PORT_BASE + 31)); P_NG_MS=$((PORT_BASE + 32))
-for p in $P_ORIGIN $P_SHADOW $P_SLOW $P_SG $P_SG_M $P_SG_MS $P_MET $P_MET_M $P_MET_MS $P_NG $P_NG_M $P_NG_MS; do
+P_SHADOW_204=$((PORT_BASE + 3))
+P_SG=$((PORT_BASE + 10)); P_SG_M=$((PORT_BASE + 11)); P_SG_MS=$((PORT_BASE + 12)); P_SG_M204=$((PORT_BASE + 13))
+P_MET=$((PORT_BASE + 20)); P_MET_M=$((PORT_BASE + 21)); P_MET_MS=$((PORT_BASE + 22)); P_MET_M204=$((PORT_BASE + 23))
+P_NG=$((PORT_BASE + 30)); P_NG_M=$((PORT_BASE + 31)); P_NG_MS=$((PORT_BASE + 32)); P_NG_M204=$((PORT_BASE + 33))
+for p in $P_ORIGIN $P_SHADOW $P_SLOW $P_SHADOW_204 $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_MET $P_MET_M $P_MET_MS \
+    $P_MET_M204 $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
     port_free "$p" || die "127.0.0.1:$p is already in use; pick other ports with --port-base"
 done
 
@@ -317,9 +329,13 @@ say "proxies on CPUs $PROXY_CPUS with $THREADS thread(s)/worker(s) each; load ge
 
 # --- origins -------------------------------------------------------------------
 start_nginx origin "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_ORIGIN" \
-    BODY="hello from the bench origin"
+    RETURN='200 "hello from the bench origin\n"'
 start_nginx shadow "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_SHADOW" \
-    BODY="hello from the bench shadow"
+    RETURN='200 "hello from the bench shadow\n"'
+# The cheapest shadow there is: keep-alive, 204 with no body. Mirroring to it
+# measures what the mirror itself costs the proxy.
+start_nginx shadow-204 "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_SHADOW_204" \
+    RETURN='204'
 mkdir -p "$WORK/slow-shadow"
 "${PIN_LOAD[@]}" python3 "$HERE/slow_shadow.py" --port "$P_SLOW" --delay-ms "$SLOW_DELAY_MS" \
     >"$WORK/slow-shadow/slow-shadow.log" 2>&1 &
@@ -327,12 +343,14 @@ PIDS+=($!)
 PID_slow_shadow=$!
 wait_http "http://127.0.0.1:$P_ORIGIN/__bench_status" 10
 wait_http "http://127.0.0.1:$P_SHADOW/__bench_status" 10
+wait_http "http://127.0.0.1:$P_SHADOW_204/__bench_status" 10
 wait_http "http://127.0.0.1:$P_SLOW/__bench_status" 10
 
 # --- proxies ---------------------------------------------------------------------
 start_sg sg "$P_SG" "$P_MET" "$P_SHADOW" "[]"
 start_sg sg-mirror "$P_SG_M" "$P_MET_M" "$P_SHADOW" "$MIRRORS"
 start_sg sg-mirror-slow "$P_SG_MS" "$P_MET_MS" "$P_SLOW" "$MIRRORS"
+start_sg sg-mirror-204 "$P_SG_M204" "$P_MET_M204" "$P_SHADOW_204" "$MIRRORS"
 ng_common=(WORKERS="$THREADS" ORIGIN_PORT="$P_ORIGIN" MIRROR_TIMEOUT_MS="$MIRROR_TIMEOUT_MS")
 start_nginx nginx "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "${ng_common[@]}" PORT="$P_NG" \
     SHADOW_PORT="$P_SHADOW" MIRROR=""
@@ -340,8 +358,10 @@ start_nginx nginx-mirror "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "${ng_
     SHADOW_PORT="$P_SHADOW" MIRROR="mirror /__bench_mirror;"
 start_nginx nginx-mirror-slow "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "${ng_common[@]}" PORT="$P_NG_MS" \
     SHADOW_PORT="$P_SLOW" MIRROR="mirror /__bench_mirror;"
+start_nginx nginx-mirror-204 "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "${ng_common[@]}" PORT="$P_NG_M204" \
+    SHADOW_PORT="$P_SHADOW_204" MIRROR="mirror /__bench_mirror;"
 
-for p in $P_SG $P_SG_M $P_SG_MS $P_NG $P_NG_M $P_NG_MS; do
+for p in $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
     wait_http "http://127.0.0.1:$p/bench" 15
 done
 for pid in "${PIDS[@]}"; do
@@ -376,15 +396,18 @@ m = {
     "origin": {"status_url": "http://127.0.0.1:$P_ORIGIN/__bench_status", "pids": [$PID_origin]},
     "shadow": {"status_url": "http://127.0.0.1:$P_SHADOW/__bench_status", "pids": [$PID_shadow]},
     "slow_shadow": {"status_url": "http://127.0.0.1:$P_SLOW/__bench_status", "pids": [$PID_slow_shadow]},
+    "shadow_204": {"status_url": "http://127.0.0.1:$P_SHADOW_204/__bench_status", "pids": [$PID_shadow_204]},
   },
   "targets": {
     "direct": t("direct", $P_ORIGIN, []),
     "shadowgate": t("shadowgate", $P_SG, [$PID_sg], threads=$THREADS, metrics_url="http://127.0.0.1:$P_MET/metrics"),
-    "shadowgate_mirror": t("shadowgate", $P_SG_M, [$PID_sg_mirror], threads=$THREADS, mirror="fast", metrics_url="http://127.0.0.1:$P_MET_M/metrics"),
-    "shadowgate_mirror_slow": t("shadowgate", $P_SG_MS, [$PID_sg_mirror_slow], threads=$THREADS, mirror="slow", metrics_url="http://127.0.0.1:$P_MET_MS/metrics"),
+    "shadowgate_mirror": t("shadowgate", $P_SG_M, [$PID_sg_mirror], threads=$THREADS, shadow="shadow", metrics_url="http://127.0.0.1:$P_MET_M/metrics"),
+    "shadowgate_mirror_204": t("shadowgate", $P_SG_M204, [$PID_sg_mirror_204], threads=$THREADS, shadow="shadow_204", metrics_url="http://127.0.0.1:$P_MET_M204/metrics"),
+    "shadowgate_mirror_slow": t("shadowgate", $P_SG_MS, [$PID_sg_mirror_slow], threads=$THREADS, shadow="slow_shadow", metrics_url="http://127.0.0.1:$P_MET_MS/metrics"),
     "nginx": t("nginx", $P_NG, [$PID_nginx], threads=$THREADS),
-    "nginx_mirror": t("nginx", $P_NG_M, [$PID_nginx_mirror], threads=$THREADS, mirror="fast"),
-    "nginx_mirror_slow": t("nginx", $P_NG_MS, [$PID_nginx_mirror_slow], threads=$THREADS, mirror="slow"),
+    "nginx_mirror": t("nginx", $P_NG_M, [$PID_nginx_mirror], threads=$THREADS, shadow="shadow"),
+    "nginx_mirror_204": t("nginx", $P_NG_M204, [$PID_nginx_mirror_204], threads=$THREADS, shadow="shadow_204"),
+    "nginx_mirror_slow": t("nginx", $P_NG_MS, [$PID_nginx_mirror_slow], threads=$THREADS, shadow="slow_shadow"),
   },
   "params": {
     "repeats": $REPEATS, "closed_s": $CLOSED_S, "rate_s": $RATE_S, "warmup_s": $([ "$QUICK" = 1 ] && echo 1 || echo 3),

@@ -6,7 +6,10 @@ Usage: report.py RESULTS_DIR [--elapsed SECONDS]
 Medians are over the runs without errors; runs with errors are listed, never
 averaged in. Ratios between two targets are paired by repeat (the runs of one
 repeat ran back to back), so the spread shown is the spread of those pairs.
-Standard library only; the chart is hand-written SVG.
+The extra CPU a mirror costs is paired the same way: per repeat, the mirror
+target's CPU per request minus its own proxy's plain CPU per request, divided by
+the share of requests the shadow received. Standard library only; the chart is
+hand-written SVG. The console gets the CPU, targets and anomalies sections.
 """
 
 import json
@@ -18,20 +21,43 @@ LABEL = {
     "direct": "direct (origin)",
     "shadowgate": "shadowgate",
     "shadowgate_mirror": "shadowgate + 100% mirror",
+    "shadowgate_mirror_204": "shadowgate + mirror to 204 shadow",
     "shadowgate_mirror_slow": "shadowgate + mirror to slow shadow",
     "nginx": "NGINX",
     "nginx_mirror": "NGINX + mirror",
+    "nginx_mirror_204": "NGINX + mirror to 204 shadow",
     "nginx_mirror_slow": "NGINX + mirror to slow shadow",
 }
 COLOR = {
     "direct": "#9e9e9e",
     "shadowgate": "#1f5fbf",
     "shadowgate_mirror": "#6fa8ff",
+    "shadowgate_mirror_204": "#b9d3ff",
     "shadowgate_mirror_slow": "#6fa8ff",
     "nginx": "#2e8b3a",
     "nginx_mirror": "#8fd694",
+    "nginx_mirror_204": "#c9edcc",
     "nginx_mirror_slow": "#8fd694",
 }
+# Each mirror target and the same proxy without a mirror: their difference in
+# CPU per request, over the mirrored share, is the extra CPU per mirrored request.
+PLAIN_OF = {
+    "shadowgate_mirror": "shadowgate",
+    "shadowgate_mirror_204": "shadowgate",
+    "shadowgate_mirror_slow": "shadowgate",
+    "nginx_mirror": "nginx",
+    "nginx_mirror_204": "nginx",
+    "nginx_mirror_slow": "nginx",
+}
+# The shadow each mirror target sends to, as the report names it.
+SHADOW_LABEL = {"shadowgate_mirror": "shadow with a body", "shadowgate_mirror_204": "204 shadow"}
+# CPU targets of issue 10, judged on the GET keep-alive scenarios: (key, label, limit).
+CPU_TARGETS = [
+    ("plain", "plain GET CPU/request, shadowgate / NGINX", 1.4),
+    ("extra_vs_nginx_204", "extra CPU per mirrored request (204 shadow), shadowgate / NGINX", 1.0),
+    ("extra_vs_plain_204", "extra CPU per mirrored request (204 shadow), shadowgate extra / shadowgate plain", 0.5),
+]
+CPU_TARGET_SCENARIOS = ["get_c1", "get_c16", "get_c64"]
 SHORT = {
     "get_c1": "GET, 1 conn",
     "get_c16": "GET, 16 conns",
@@ -118,6 +144,9 @@ def aggregate(manifest, runs):
                 "cpu_s_per_10k": median([r["cpu_s_per_10k"] for r in ok if r.get("cpu_s_per_10k") is not None]),
                 "proxy_cpu_util": median([r["proxy_cpu_util"] for r in ok if r.get("proxy_cpu_util") is not None]),
                 "mirrored_share": median([r["mirrored_share"] for r in ok if r.get("mirrored_share") is not None]),
+                # New connections the shadow accepted per request it received (keep-alive: near 0).
+                "shadow_conns_per_req": median([r["shadow_connections"] / r["shadow_requests"] for r in ok
+                                                if r.get("shadow_connections") is not None and r.get("shadow_requests")]),
                 "foreign_cpu_share_max": max([r.get("foreign_cpu_share", 0) for r in rs] or [0]),
             }
             if sc["kind"] == "rate":
@@ -188,6 +217,180 @@ def p99_key(r):
 
 def cpu_key(r):
     return r.get("cpu_s_per_10k")
+
+
+def us_key(r):
+    """The proxy's CPU µs per request (older results have only s/10k)."""
+    if r.get("cpu_us_per_req") is not None:
+        return r["cpu_us_per_req"]
+    return r["cpu_s_per_10k"] * 100 if r.get("cpu_s_per_10k") is not None else None
+
+
+def fmt_us(x):
+    return "–" if x is None else f"{x:.1f}"
+
+
+def spread(xs):
+    return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else None
+
+
+def runs_by_repeat(runs, scenario, clean=False):
+    """{(target, repeat): run} of one scenario, runs without errors (and, if clean, undisturbed)."""
+    by = {}
+    for r in runs:
+        if r["warmup"] or r["scenario"] != scenario or not r["ok"]:
+            continue
+        if clean and r.get("noisy"):
+            continue
+        by[(r["target"], r["repeat"])] = r
+    return by
+
+
+def extra_us(by, mirror, rep):
+    """Extra CPU µs per mirrored request of one repeat: (mirror − plain) / mirrored share."""
+    rm, rp = by.get((mirror, rep)), by.get((PLAIN_OF[mirror], rep))
+    if not rm or not rp:
+        return None
+    cm, cp, share = us_key(rm), us_key(rp), rm.get("mirrored_share")
+    if cm is None or cp is None or not share:
+        return None
+    return (cm - cp) / share
+
+
+def cpu_ratios(runs, scenario, clean=False):
+    """Per-repeat CPU ratios of one scenario, each as spread over repeats.
+
+    plain: shadowgate / NGINX CPU per request without a mirror;
+    extra_vs_nginx_X: shadowgate's extra CPU per mirrored request / NGINX's (X: 204 or body shadow);
+    extra_vs_plain_X: shadowgate's extra CPU per mirrored request / shadowgate's plain CPU per request.
+    A repeat where NGINX's extra is not positive (noise) gives no shadowgate/NGINX ratio; it is
+    counted in skipped_nonpositive_nginx_extra."""
+    by = runs_by_repeat(runs, scenario, clean)
+    reps = sorted({rep for (_, rep) in by})
+    vals = {"plain": []}
+    skipped = {}
+    for rep in reps:
+        sg, ng = by.get(("shadowgate", rep)), by.get(("nginx", rep))
+        sg_us = us_key(sg) if sg else None
+        ng_us = us_key(ng) if ng else None
+        if sg_us is not None and ng_us:
+            vals["plain"].append(sg_us / ng_us)
+        for suffix, sg_m, ng_m in (("204", "shadowgate_mirror_204", "nginx_mirror_204"),
+                                   ("body", "shadowgate_mirror", "nginx_mirror")):
+            sg_x, ng_x = extra_us(by, sg_m, rep), extra_us(by, ng_m, rep)
+            if sg_x is not None and ng_x is not None:
+                if ng_x > 0:
+                    vals.setdefault("extra_vs_nginx_" + suffix, []).append(sg_x / ng_x)
+                else:
+                    skipped[suffix] = skipped.get(suffix, 0) + 1
+            if sg_x is not None and sg_us:
+                vals.setdefault("extra_vs_plain_" + suffix, []).append(sg_x / sg_us)
+    out = {k: spread(v) for k, v in vals.items()}
+    if skipped:
+        out["skipped_nonpositive_nginx_extra"] = skipped
+    return out
+
+
+def cpu_section(manifest, runs, cells):
+    """The "CPU per request" section: per scenario and target, then the ratios; and its data."""
+    md = []
+    w = md.append
+    scen = manifest["scenarios"]
+    w("## CPU per request")
+    w("")
+    w("CPU is the proxy's utime+stime from /proc (NGINX: master plus workers) from the start of the load until "
+      "0.2 s after it (so that shadow requests still in flight are counted), per request the client completed: "
+      "median over runs without errors, [min–max] over repeats. **extra per mirrored request** = (CPU/request with "
+      "the mirror − the same proxy's CPU/request without) / mirrored share, paired by repeat.")
+    w("")
+    w("**shadow conns/1k** is how many new connections the shadow accepted per 1,000 requests it received "
+      "(near 0 when the proxy keeps its shadow connections alive).")
+    w("")
+    w("| scenario | target | CPU µs/request | [min–max] | CPU s/10k | mirrored | shadow conns/1k | extra CPU µs per mirrored request [min–max] |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|")
+    data = {"cells": {}, "ratios": {}}
+    for sc in scen:
+        sid = sc["id"]
+        by = runs_by_repeat(runs, sid)
+        reps = sorted({rep for (_, rep) in by})
+        for t in sc["targets"]:
+            if t == "direct":
+                continue
+            c = cells[(sid, t)]
+            us = spread([us_key(r) for (tt, _), r in by.items() if tt == t and us_key(r) is not None])
+            extra = None
+            if t in PLAIN_OF and PLAIN_OF[t] in sc["targets"]:
+                extra = spread([x for x in (extra_us(by, t, rep) for rep in reps) if x is not None])
+            c["cpu_us_per_req"] = us
+            c["extra_cpu_us_per_mirrored_req"] = extra
+            data["cells"][f"{sid}/{t}"] = {"cpu_us_per_req": us, "extra_cpu_us_per_mirrored_req": extra}
+            rng = f"{fmt_us(us['min'])}–{fmt_us(us['max'])}" if us and us["n"] > 1 else "–"
+            mirrored = f"{c['mirrored_share']:.0%}" if c["mirrored_share"] is not None else "–"
+            if extra is None:
+                xs = "–"
+            elif extra["n"] > 1:
+                xs = f"{extra['median']:+.1f} [{extra['min']:+.1f} – {extra['max']:+.1f}]"
+            else:
+                xs = f"{extra['median']:+.1f}"
+            conns = fmt_num(1000 * c["shadow_conns_per_req"], 1) if c.get("shadow_conns_per_req") is not None else "–"
+            w(f"| {SCEN_LABEL.get(sid, sid)} | {LABEL[t]} | {fmt_us(us['median']) if us else '–'} | {rng} | "
+              f"{fmt_num(c['cpu_s_per_10k'], 3)} | {mirrored} | {conns} | {xs} |")
+    w("")
+    with_ratios = [sc["id"] for sc in scen if "shadowgate" in sc["targets"] and "nginx" in sc["targets"]]
+    if with_ratios:
+        w("CPU ratios, paired by repeat, median (min–max). \"extra / plain\" is shadowgate's extra CPU per mirrored "
+          "request over shadowgate's own CPU per request without a mirror.")
+        w("")
+        w("| scenario | plain: shadowgate / NGINX | 204 shadow, extra: shadowgate / NGINX | 204 shadow, shadowgate extra / plain "
+          "| shadow with a body, extra: shadowgate / NGINX | shadow with a body, shadowgate extra / plain |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for sid in with_ratios:
+            r = cpu_ratios(runs, sid)
+            data["ratios"][sid] = {"all": r, "quiet": cpu_ratios(runs, sid, clean=True)}
+            w(f"| {SCEN_LABEL.get(sid, sid)} | {fmt_pair(r.get('plain'))} | {fmt_pair(r.get('extra_vs_nginx_204'))} | "
+              f"{fmt_pair(r.get('extra_vs_plain_204'))} | {fmt_pair(r.get('extra_vs_nginx_body'))} | "
+              f"{fmt_pair(r.get('extra_vs_plain_body'))} |")
+        w("")
+    return md, data
+
+
+def cpu_targets(data):
+    """The issue-10 CPU targets table, judged on the GET keep-alive scenarios; and its data."""
+    md = []
+    w = md.append
+    sids = [sid for sid in CPU_TARGET_SCENARIOS if sid in data["ratios"]]
+    out = []
+    if not sids:
+        return md, out
+    w("CPU per request (issue 10), per GET scenario: median (min–max) over repeats, from pairs of runs that other "
+      "processes did not disturb where there are any (marked *all* where none was). Met: the median is within the "
+      "target in every scenario; \"every repeat\": the max is too.")
+    w("")
+    w("| ratio | target | " + " | ".join(SCEN_LABEL.get(s, s) for s in sids) + " | verdict |")
+    w("|---|---:|" + "---:|" * len(sids) + "---|")
+    for key, label, limit in CPU_TARGETS:
+        cols, judged = [], {}
+        for sid in sids:
+            pair, _ = prefer_clean(data["ratios"][sid]["quiet"].get(key), data["ratios"][sid]["all"].get(key))
+            basis = "quiet" if data["ratios"][sid]["quiet"].get(key) else "all"
+            if pair:
+                judged[sid] = {"ratio": pair, "basis": basis}
+                cols.append(fmt_pair(pair) + (" *all*" if basis == "all" else ""))
+            else:
+                cols.append("–")
+        if not judged:
+            verdict = "not measured"
+            met = None
+        else:
+            met = all(j["ratio"]["median"] <= limit for j in judged.values())
+            every = all(j["ratio"]["max"] <= limit for j in judged.values())
+            verdict = ("**met**" + (", every repeat" if every else "")) if met else "**missed**"
+            if len(judged) < len(sids):
+                verdict += f" ({len(judged)} of {len(sids)} scenarios)"
+        w(f"| {label} | ≤ {limit:.1f}× | " + " | ".join(cols) + f" | {verdict} |")
+        out.append({"target": f"{key} <= {limit}", "label": label, "limit": limit, "met": met, "scenarios": judged})
+    w("")
+    return md, out
 
 
 def build(out, elapsed, build_s=None):
@@ -357,10 +560,17 @@ def build(out, elapsed, build_s=None):
         w(f"| {LABEL[t]} | {rss} | " + " | ".join(fmt_num(cpu.get(sid), 3) for sid in closed) + " |")
     w("")
 
+    # --- CPU per request
+    cpu_md, cpu_data = cpu_section(manifest, runs, cells)
+    md.extend(cpu_md)
+
     # --- targets
     targets_out = []
     w("## Targets")
     w("")
+    cpu_t_md, cpu_t_out = cpu_targets(cpu_data)
+    md.extend(cpu_t_md)
+    targets_out.extend(cpu_t_out)
 
     def verdict(ok):
         return "**met**" if ok else "**missed**"
@@ -456,6 +666,14 @@ def build(out, elapsed, build_s=None):
                          + ", ".join(f"{k}={v}" for k, v in sorted(ab.items())))
         if c.get("mirrored_share") is not None and c["mirrored_share"] < 0.98:
             notes.append(f"{c['scenario']} / {c['target']}: the shadow received only {c['mirrored_share']:.0%} of the requests")
+        if (c.get("shadow_conns_per_req") or 0) > 0.01:
+            notes.append(f"{c['scenario']} / {c['target']}: the shadow accepted {1000 * c['shadow_conns_per_req']:.0f} new "
+                         "connections per 1,000 mirrored requests: shadow connections are not kept alive"
+                         + (" (NGINX's mirror closes its shadow connection after a response with a body; "
+                            "with the 204 shadow it keeps it)" if c["target"].startswith("nginx_mirror") else ""))
+        if c["target"] in PLAIN_OF and c["ok_runs"] and c.get("mirrored_share") is None:
+            notes.append(f"{c['scenario']} / {c['target']}: the shadow's request count could not be read, "
+                         "so neither delivery nor the extra CPU per mirrored request is known")
         if c.get("saturated_runs"):
             notes.append(f"{c['scenario']} / {c['target']}: {c['saturated_runs']} run(s) could not keep the asked rate "
                          f"of {c['target_rate']} req/s: latency there includes queueing"
@@ -471,6 +689,10 @@ def build(out, elapsed, build_s=None):
         notes.append(f"runs where processes outside the benchmark took over {P['noisy_share']:.0%} of all CPUs, "
                      "by scenario: " + ", ".join(disturbed) + ". Their figures are kept but flagged; the \"quiet runs\" "
                      "columns and the targets leave them out where an undisturbed pair exists.")
+    for sid, r in cpu_data["ratios"].items():
+        for suffix, n in (r["all"].get("skipped_nonpositive_nginx_extra") or {}).items():
+            notes.append(f"{sid}: in {n} repeat(s) NGINX's extra CPU per mirrored request ({suffix} shadow) was not "
+                         "above zero (noise), so those repeats give no shadowgate/NGINX extra ratio")
     w("## Anomalies")
     w("")
     if notes:
@@ -492,6 +714,7 @@ def build(out, elapsed, build_s=None):
         "settle": settle,
         "cells": [c for c in cells.values()],
         "comparisons": comp,
+        "cpu": cpu_data,
         "resources": resources,
         "targets": targets_out,
         "runs": runs,
@@ -523,7 +746,8 @@ def chart(manifest, cells, runs, closed, rate_scen):
     top, bottom = y0 + 30, y0 + ph - 60
     parts.append(f'<text x="{left}" y="{y0 + 18}" font-size="14" font-weight="bold">Throughput relative to the origin served directly '
                  f'(bars: median; whiskers: min–max; labels: req/s)</text>')
-    tgts = ["direct", "shadowgate", "shadowgate_mirror", "nginx", "nginx_mirror"]
+    tgts = ["direct", "shadowgate", "shadowgate_mirror", "shadowgate_mirror_204", "nginx", "nginx_mirror", "nginx_mirror_204"]
+    tgts = [t for t in tgts if any((sid, t) in cells for sid in closed)]
     vals = {}
     ymax = 1.0
     for sid in closed:
@@ -543,7 +767,7 @@ def chart(manifest, cells, runs, closed, rate_scen):
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#e5e5e5"/>')
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{v:.0%}</text>')
     gw = (right - left) / max(1, len(closed))
-    bw = gw * 0.8 / len(tgts)
+    bw = gw * 0.8 / max(1, len(tgts))
     for gi, sid in enumerate(closed):
         gx = left + gi * gw + gw * 0.1
         for ti, t in enumerate(tgts):
@@ -555,14 +779,17 @@ def chart(manifest, cells, runs, closed, rate_scen):
             cx = x + (bw - 2) / 2
             parts.append(f'<line x1="{cx:.1f}" y1="{sy(lo):.1f}" x2="{cx:.1f}" y2="{sy(hi):.1f}" stroke="#222"/>')
             lab = f"{rps / 1000:.1f}k" if rps >= 1000 else f"{rps:.0f}"
-            parts.append(f'<text x="{cx:.1f}" y="{sy(hi) - 4:.1f}" font-size="9" text-anchor="middle">{lab}</text>')
+            parts.append(f'<text x="{cx:.1f}" y="{sy(hi) - 4:.1f}" font-size="{9 if len(tgts) <= 5 else 8}" text-anchor="middle">{lab}</text>')
         parts.append(f'<text x="{gx + gw * 0.4:.1f}" y="{bottom + 16}" font-size="11" text-anchor="middle">{esc(SHORT.get(sid, sid))}</text>')
     parts.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#444"/>')
-    lx = left
+    lx, ly = left, bottom + 30
     for t in tgts:
-        parts.append(f'<rect x="{lx}" y="{bottom + 30}" width="12" height="12" fill="{COLOR[t]}"/>')
-        parts.append(f'<text x="{lx + 16}" y="{bottom + 40}" font-size="11">{esc(LABEL[t])}</text>')
-        lx += 30 + 7 * len(LABEL[t])
+        width = 30 + 7 * len(LABEL[t])
+        if lx > left and lx + width > right:  # next legend row
+            lx, ly = left, ly + 16
+        parts.append(f'<rect x="{lx}" y="{ly}" width="12" height="12" fill="{COLOR[t]}"/>')
+        parts.append(f'<text x="{lx + 16}" y="{ly + 10}" font-size="11">{esc(LABEL[t])}</text>')
+        lx += width
     y0 += ph
 
     # Panel 2: latency percentiles, log scale.
@@ -629,9 +856,9 @@ def main():
         elapsed = int(sys.argv[sys.argv.index("--elapsed") + 1])
     build_s = int(sys.argv[sys.argv.index("--build") + 1]) if "--build" in sys.argv else None
     md, targets, notes = build(out, elapsed, build_s)
-    # Short summary on stdout: the targets and the anomalies.
+    # Short summary on stdout: CPU per request, the targets and the anomalies.
     print("")
-    start = md.index("## Targets")
+    start = md.index("## CPU per request")
     for line in md[start:]:
         if line.startswith("Raw figures"):
             break

@@ -4,9 +4,10 @@
 Reads the manifest bench.sh writes (targets, pids, CPUs, tools, parameters),
 warms every target up, then runs every scenario REPEATS times, alternating the
 targets inside each scenario (A B C D E, then B C D E A, ...). Each run records
-throughput or latency, errors, CPU time and peak RSS of the proxy under test,
-how many requests reached the origin and the shadow, shadowgate's own mirror
-counters, and how much CPU time processes outside the benchmark took meanwhile.
+throughput or latency, errors, CPU time (and CPU µs per request) and peak RSS of
+the proxy under test, how many requests reached the origin and the shadow,
+shadowgate's own mirror counters, and how much CPU time processes outside the
+benchmark took meanwhile.
 One JSON object per run is appended to raw-runs.jsonl in the results folder.
 """
 
@@ -23,7 +24,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy
 
-MAIN = ["direct", "shadowgate", "shadowgate_mirror", "nginx", "nginx_mirror"]
+# Fixed-rate latency: the proxies plain and with a 100% mirror to the shadow with a body.
+LATENCY = ["direct", "shadowgate", "shadowgate_mirror", "nginx", "nginx_mirror"]
+# Closed loop: the same, plus a 100% mirror to the keep-alive 204 shadow, whose
+# CPU cost against the plain proxy is the extra CPU per mirrored request.
+MAIN = ["direct", "shadowgate", "shadowgate_mirror", "shadowgate_mirror_204",
+        "nginx", "nginx_mirror", "nginx_mirror_204"]
 SLOW = ["shadowgate", "shadowgate_mirror_slow", "nginx", "nginx_mirror_slow"]
 
 
@@ -107,20 +113,31 @@ def http_get(url, timeout=2.0):
         return resp.read().decode("utf-8", "replace")
 
 
-def stub_requests(url):
-    """Requests counted by an NGINX stub_status page or the slow shadow's status page."""
+def stub_counts(url):
+    """Counters of an NGINX stub_status page ({requests, accepts}) or of the slow
+    shadow's status page ({requests}); None if unreadable. "own" is how many
+    requests and connections the page counts for its own reading."""
     try:
         text = http_get(url)
     except Exception:
         return None
     lines = text.splitlines()
     if lines and lines[0].startswith("Active connections"):
-        # "server accepts handled requests" / " A H R"; subtract our own status request.
-        return int(lines[2].split()[2]) - 1
+        # "server accepts handled requests" / " A H R", this status request included.
+        accepts, _, requests = (int(x) for x in lines[2].split())
+        return {"requests": requests, "accepts": accepts, "own": 1}
     for line in lines:
         if line.startswith("started "):
-            return int(line.split()[1])
+            return {"requests": int(line.split()[1]), "accepts": None, "own": 0}
     return None
+
+
+def count_diff(before, after, key):
+    """What the server counted between two readings, without the later reading itself
+    (the earlier one counts itself in its own figure)."""
+    if not before or not after or before[key] is None or after[key] is None:
+        return None
+    return after[key] - before[key] - after["own"]
 
 
 def sg_mirror_counters(url):
@@ -297,12 +314,12 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     P = m["params"]
     pids = process_tree(t["pids"][0]) if t["kind"] == "nginx" else list(t["pids"])
     # The shadow this target mirrors to (if any), and the primary origin.
-    shadow = {"fast": m["origins"]["shadow"], "slow": m["origins"]["slow_shadow"]}.get(t.get("mirror"))
+    shadow = m["origins"][t["shadow"]] if t.get("shadow") else None
     origin = m["origins"]["origin"]
 
     pre_idle_foreign = settle(m, state, 0.0 if warmup else P["gap_s"])
-    o0 = stub_requests(origin["status_url"])
-    s0 = stub_requests(shadow["status_url"]) if shadow else None
+    o0 = stub_counts(origin["status_url"])
+    s0 = stub_counts(shadow["status_url"]) if shadow else None
     sg0 = sg_mirror_counters(t["metrics_url"]) if t.get("metrics_url") else None
     cpu0 = cpu_ticks(pids)
     gen0 = children_cpu_seconds()
@@ -325,8 +342,11 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     cpu1 = cpu_ticks(pids)
     # Let in-flight shadow requests land before counting them (the slow one needs its delay).
     time.sleep(scenario.get("drain_s", 0.2))
-    o1 = stub_requests(origin["status_url"])
-    s1 = stub_requests(shadow["status_url"]) if shadow else None
+    # CPU per request counts the shadow work still in flight when the load
+    # ended; busy (below) is over the load alone. Idle proxies take ~0 ticks.
+    cpu2 = cpu_ticks(pids)
+    o1 = stub_counts(origin["status_url"])
+    s1 = stub_counts(shadow["status_url"]) if shadow else None
     sg1 = sg_mirror_counters(t["metrics_url"]) if t.get("metrics_url") else None
 
     ncpu = m["cpu_count"]
@@ -335,20 +355,25 @@ def measure(m, scenario, name, repeat, state, warmup=False):
     ours_s = (ours1 - ours0) / CLK_TCK
     foreign_s = max(0.0, busy_s - ours_s - gen_s)
     cpu_s = (cpu1 - cpu0) / CLK_TCK
+    cpu_s_with_drain = (cpu2 - cpu0) / CLK_TCK
+    proxied = t["kind"] != "direct" and res.get("requests")
     rec = {
         "scenario": scenario["id"], "target": name, "repeat": repeat, "warmup": warmup,
         "time": time.strftime("%H:%M:%S"), "wall_s": round(wall, 3),
         **res,
         "proxy_cpu_s": round(cpu_s, 3) if t["kind"] != "direct" else None,
         "proxy_cpu_util": round(cpu_s / wall / t.get("threads", 1), 3) if t["kind"] != "direct" and wall else None,
-        "cpu_s_per_10k": (round(cpu_s / res["requests"] * 1e4, 4)
-                          if t["kind"] != "direct" and res.get("requests") else None),
+        "proxy_cpu_s_with_drain": round(cpu_s_with_drain, 3) if t["kind"] != "direct" else None,
+        "cpu_s_per_10k": round(cpu_s_with_drain / res["requests"] * 1e4, 4) if proxied else None,
+        "cpu_us_per_req": round(cpu_s_with_drain / res["requests"] * 1e6, 3) if proxied else None,
         "generator_cpu_s": round(gen_s, 3),
         "foreign_cpu_s": round(foreign_s, 3),
         "foreign_cpu_share": round(foreign_s / (wall * ncpu), 4) if wall else 0,
         "foreign_share_before": round(pre_idle_foreign, 4),
-        "origin_requests": (o1 - o0) if o0 is not None and o1 is not None else None,
-        "shadow_requests": (s1 - s0) if s0 is not None and s1 is not None else None,
+        "origin_requests": count_diff(o0, o1, "requests"),
+        "shadow_requests": count_diff(s0, s1, "requests"),
+        # New connections the shadow accepted: near 0 when the proxy keeps them alive.
+        "shadow_connections": count_diff(s0, s1, "accepts"),
     }
     if t["kind"] == "nginx":
         rec["rss_hwm_kb_sum"] = sum(status_kb(p, "VmHWM") for p in pids)
@@ -369,7 +394,7 @@ def scenarios(P):
         {"id": "get_c1", "kind": "closed", "conns": 1, "targets": MAIN},
         {"id": "get_c16", "kind": "closed", "conns": 16, "targets": MAIN},
         {"id": "get_c64", "kind": "closed", "conns": 64, "targets": MAIN},
-        {"id": "latency", "kind": "rate", "conns": P["latency_conns"], "rate": P["rate"], "targets": MAIN},
+        {"id": "latency", "kind": "rate", "conns": P["latency_conns"], "rate": P["rate"], "targets": LATENCY},
         {"id": "slow_shadow", "kind": "rate", "conns": P["slow_conns"], "rate": P["slow_rate"],
          "targets": SLOW, "drain_s": P["slow_delay_ms"] / 1000.0 + 0.3},
         {"id": "post_1mib", "kind": "closed", "conns": P["post_conns"], "body": P["post_bytes"], "targets": MAIN},
@@ -454,6 +479,10 @@ def main():
                     done += 1
                     lat = rec.get("latency_ms", {})
                     extra = f" p99 {lat.get('p99', 0):8.2f} ms" if sc["kind"] == "rate" else ""
+                    if rec.get("cpu_us_per_req") is not None:
+                        extra += f" {rec['cpu_us_per_req']:7.1f} µs CPU/req"
+                    if rec.get("mirrored_share") is not None:
+                        extra += f" mirrored {rec['mirrored_share']:.0%}"
                     flags = []
                     if not rec["ok"]:
                         flags.append(f"ERRORS {rec.get('failure')}")
