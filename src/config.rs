@@ -314,6 +314,9 @@ pub struct MirrorConfig {
     /// Add `x-shadowgate-mirror: 1` so the shadow can tell mirrored traffic apart.
     #[serde(default = "default_true")]
     pub mark_header: bool,
+    /// Shadow verdicts: compare the shadow's responses with the primary's.
+    #[serde(default)]
+    pub compare: Option<crate::compare::config::CompareConfig>,
 }
 
 fn default_mirror_methods() -> Vec<MethodName> {
@@ -740,6 +743,18 @@ impl Config {
                     ));
                 }
                 validate_mirror(&at, mirror, self.mirror_budget_bytes)?;
+                if let Some(compare) = &mirror.compare {
+                    let methods: Vec<Method> = mirror.methods.iter().map(|m| m.0.clone()).collect();
+                    let context = crate::compare::config::MirrorContext {
+                        candidate: &mirror.upstream,
+                        primary: &route.upstream,
+                        mirrored_methods: &methods,
+                        is_upstream: &|name| self.upstreams.contains_key(name),
+                    };
+                    compare
+                        .validate(&format!("{at}.compare"), &context)
+                        .map_err(|e| ConfigError::new(e.path, e.message))?;
+                }
             }
         }
         Ok(())

@@ -70,10 +70,15 @@ impl ShadowGate {
                 .iter()
                 .filter_map(|m| {
                     let pool = pools.get(&m.upstream)?;
+                    let control = m
+                        .compare
+                        .as_ref()
+                        .and_then(|c| pools.get(c.control.as_ref()?));
                     Some(Arc::new(Mirror::new(
                         &route.name,
                         m,
                         pool,
+                        control,
                         metrics,
                         mirror_runtime.clone(),
                     )))
@@ -315,11 +320,25 @@ impl ProxyHttp for ShadowGate {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.tee.primary_sent();
+        // Compared shadows need the primary's answer: its header first.
+        ctx.tee.primary_response(upstream_response);
         Ok(())
+    }
+
+    /// Per response body chunk from the primary: captured (shared, not copied) for comparisons.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        ctx.tee.primary_body(body.as_ref(), end_of_stream);
+        Ok(None)
     }
 
     /// Before the response goes to the client.

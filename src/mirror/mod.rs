@@ -8,15 +8,17 @@ pub mod shadow;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 use log::{debug, warn};
 use pingora_core::connectors::http::Connector;
-use pingora_http::RequestHeader;
-use tokio::sync::{Semaphore, mpsc};
+use pingora_http::{RequestHeader, ResponseHeader};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::compare::Comparator;
+use crate::compare::capture::{Capture, Capturer};
 use crate::config::{MirrorConfig, SampleBy};
 use crate::metrics::{Metrics, MirrorMetrics};
 use crate::request;
@@ -24,7 +26,7 @@ use crate::upstream::Pool;
 use budget::{ByteBudget, QueueAccount};
 use executor::ShadowExecutor;
 use sampler::Sampler;
-use shadow::{AbortSignal, ShadowMsg, ShadowSession};
+use shadow::{AbortSignal, CaptureSink, ShadowMsg, ShadowSession};
 
 /// Why a request was not mirrored, or why a shadow request was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,19 +124,34 @@ pub struct Mirror {
     mark_header: bool,
     metrics: MirrorMetrics,
     runtime: Arc<MirrorRuntime>,
+    /// Shadow verdicts, when the mirror has a `compare` section.
+    compare: Option<Arc<Comparator>>,
+    /// The control pool's twin of this mirror: same request, same limits.
+    control: Option<Arc<Mirror>>,
 }
 
 /// Header that tells a shadow upstream the request is a mirrored copy.
 pub const MARKER_HEADER: &str = "x-shadowgate-mirror";
 
 impl Mirror {
+    /// `control`: the pool named by `compare.control`, if any.
     pub fn new(
         route: &str,
         config: &MirrorConfig,
         pool: Arc<Pool>,
+        control: Option<Arc<Pool>>,
         metrics: &Metrics,
         runtime: Arc<MirrorRuntime>,
     ) -> Self {
+        let compare = config
+            .compare
+            .as_ref()
+            .map(|c| Comparator::new(route, &pool.name, c));
+        let control = control.map(|control_pool| {
+            let mut twin = Mirror::new(route, config, control_pool, None, metrics, runtime.clone());
+            twin.compare = None;
+            Arc::new(twin)
+        });
         // Names and values were validated when the config was loaded.
         let set_headers = config
             .request_headers
@@ -172,6 +189,8 @@ impl Mirror {
             metrics: metrics.mirror(route, &pool.name),
             pool,
             runtime,
+            compare,
+            control,
         }
     }
 
@@ -207,6 +226,7 @@ impl Mirror {
         primary: &RequestHeader,
         client_ip: Option<IpAddr>,
         body: RequestBody,
+        capture: Option<CaptureSink>,
     ) -> Result<Tap, AbandonReason> {
         if let RequestBody::Length(len) = body
             && len > self.max_body_bytes
@@ -240,6 +260,8 @@ impl Mirror {
             inbox: rx,
             abort: abort.clone(),
             mirror: self.clone(),
+            capture,
+            captured: None,
             _permit: permit,
         };
         self.runtime.executor.spawn(session.run());
@@ -392,6 +414,11 @@ pub struct MirrorTee {
     /// Body offset of the next chunk in the current primary attempt. A retry
     /// replays the body from the start, so this resets while `delivered` does not.
     attempt_offset: u64,
+    /// The primary's response, captured for comparisons begun for this request.
+    primary_capture: Option<Capturer>,
+    /// Where the primary's capture goes, one per comparing mirror.
+    compare_senders: Vec<oneshot::Sender<Arc<Capture>>>,
+    head_request: bool,
 }
 
 impl MirrorTee {
@@ -437,11 +464,72 @@ impl MirrorTee {
         let Some(header) = self.primary_header.take() else {
             return;
         };
+        let mut capture_cap: Option<(u64, Arc<ByteBudget>)> = None;
         for mirror in std::mem::take(&mut self.pending) {
-            match mirror.start(&header, self.client_ip, self.body) {
-                Ok(tap) => self.taps.push(tap),
-                Err(reason) => mirror.abandoned(reason),
+            let Some(pending) = mirror.compare.as_ref().and_then(|c| c.begin(&header)) else {
+                self.start_one(&mirror, &header, None);
+                continue;
+            };
+            let cap = mirror.compare.as_ref().map_or(0, |c| c.max_body_bytes);
+            let sink = |tx| CaptureSink { tx, cap };
+            // A side that does not start drops its sender: the comparison counts it skipped.
+            self.start_one(&mirror, &header, Some(sink(pending.candidate)));
+            if let (Some(control), Some(tx)) = (&mirror.control, pending.control) {
+                self.start_one(control, &header, Some(sink(tx)));
             }
+            self.compare_senders.push(pending.primary);
+            mirror.runtime.executor.spawn(pending.job.run());
+            let widest = capture_cap.as_ref().map_or(cap, |(c, _)| cap.max(*c));
+            capture_cap = Some((widest, mirror.runtime.budget.clone()));
+        }
+        if let Some((cap, budget)) = capture_cap {
+            self.head_request = header.method == Method::HEAD;
+            self.primary_capture = Some(Capturer::new(cap, budget, Instant::now()));
+        }
+    }
+
+    fn start_one(
+        &mut self,
+        mirror: &Arc<Mirror>,
+        header: &RequestHeader,
+        sink: Option<CaptureSink>,
+    ) {
+        match mirror.start(header, self.client_ip, self.body, sink) {
+            Ok(tap) => self.taps.push(tap),
+            Err(reason) => mirror.abandoned(reason),
+        }
+    }
+
+    /// The primary's response header, for the comparisons of this request.
+    pub fn primary_response(&mut self, response: &ResponseHeader) {
+        let Some(capture) = &mut self.primary_capture else {
+            return;
+        };
+        if response.status.is_informational() {
+            return;
+        }
+        capture.header(response.status.as_u16(), &response.headers);
+        let no_body = self.head_request
+            || matches!(response.status.as_u16(), 204 | 304)
+            || response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        if no_body {
+            capture.end();
+        }
+    }
+
+    /// A chunk of the primary's response body (shared, not copied).
+    pub fn primary_body(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) {
+        let Some(capture) = &mut self.primary_capture else {
+            return;
+        };
+        if let Some(chunk) = chunk {
+            capture.body(chunk);
+        }
+        if end_of_stream {
+            capture.end();
         }
     }
 
@@ -496,6 +584,18 @@ impl MirrorTee {
             tap.abandon(AbandonReason::PrimaryAborted);
         }
         self.taps.clear();
+        // The response has been sent: hand it to the comparisons. One that never
+        // ended (an error, a client gone) is dropped, and they count the skip.
+        if let Some(capture) = self.primary_capture.take()
+            && capture.has_header()
+            && capture.ended()
+        {
+            let capture = Arc::new(capture.finish());
+            for sender in self.compare_senders.drain(..) {
+                let _ = sender.send(capture.clone());
+            }
+        }
+        self.compare_senders.clear();
     }
 }
 

@@ -8,10 +8,11 @@ use std::time::Instant;
 use log::debug;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::budget::QueuedChunk;
 use super::{AbandonReason, Mirror};
+use crate::compare::capture::{Capture, Capturer};
 
 /// What the primary side sends a shadow session.
 #[derive(Debug)]
@@ -60,6 +61,12 @@ enum Outcome {
     Abandoned(AbandonReason),
 }
 
+/// Where a compared shadow delivers its response, and how much of the body to keep.
+pub struct CaptureSink {
+    pub tx: oneshot::Sender<Capture>,
+    pub cap: u64,
+}
+
 /// One mirrored request, owned by its own task.
 pub(super) struct ShadowSession {
     pub header: RequestHeader,
@@ -67,6 +74,9 @@ pub(super) struct ShadowSession {
     pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
     pub abort: Arc<AbortSignal>,
     pub mirror: Arc<Mirror>,
+    /// Where the response goes when it is compared; otherwise it is read and discarded.
+    pub capture: Option<CaptureSink>,
+    pub captured: Option<Capture>,
     /// Held for the life of the session: it is this request's place under `max_in_flight`.
     pub _permit: OwnedSemaphorePermit,
 }
@@ -87,7 +97,7 @@ impl ShadowSession {
         let outcome = tokio::select! {
             biased;
             reason = abort.triggered() => Outcome::Abandoned(reason),
-            result = tokio::time::timeout(mirror.timeout, self.exchange()) => match result {
+            result = tokio::time::timeout(mirror.timeout, self.exchange(started)) => match result {
                 Ok(outcome) => outcome,
                 Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
             },
@@ -98,6 +108,13 @@ impl ShadowSession {
         mirror.metrics.in_flight.dec();
         let method = self.header.method.as_str();
         let path = self.header.uri.path();
+        // A compared response goes to its comparison; otherwise the sender is dropped
+        // and the comparison counts this side as failed.
+        if let (Some(sink), Some(captured), Outcome::Completed { .. }) =
+            (self.capture.take(), self.captured.take(), &outcome)
+        {
+            let _ = sink.tx.send(captured);
+        }
         match outcome {
             Outcome::Completed { status } => {
                 let seconds = started.elapsed().as_secs_f64();
@@ -126,7 +143,7 @@ impl ShadowSession {
         }
     }
 
-    async fn exchange(&mut self) -> Outcome {
+    async fn exchange(&mut self, started: Instant) -> Outcome {
         use AbandonReason::{ConnectError, PrimaryAborted, UpstreamError};
         let connector = &self.mirror.runtime.connector;
         let mut session = match connector.get_http_session(&self.peer).await {
@@ -172,28 +189,44 @@ impl ShadowSession {
         }
 
         // Read the whole response so the connection can go back to the pool.
-        let status = loop {
+        let (status, mut capturer) = loop {
             if let Err(e) = session.read_response_header().await {
                 debug!("shadow response from {} unreadable: {e}", self.peer);
                 return Outcome::Abandoned(UpstreamError);
             }
-            let Some(status) = session.response_header().map(|h| h.status) else {
+            let Some(header) = session.response_header() else {
                 return Outcome::Abandoned(UpstreamError);
             };
             // 1xx (e.g. 100 Continue) is interim: the final header follows.
-            if !status.is_informational() {
-                break status.as_u16();
+            if !header.status.is_informational() {
+                let status = header.status.as_u16();
+                let capturer = self.capture.as_ref().map(|sink| {
+                    let budget = self.mirror.runtime.budget.clone();
+                    let mut capturer = Capturer::new(sink.cap, budget, started);
+                    capturer.header(status, &header.headers);
+                    capturer
+                });
+                break (status, capturer);
             }
         };
         loop {
             match session.read_response_body().await {
-                Ok(Some(_discarded)) => {}
+                // Kept (up to the cap) when compared, else discarded.
+                Ok(Some(chunk)) => {
+                    if let Some(capturer) = &mut capturer {
+                        capturer.body(&chunk);
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => {
                     debug!("shadow response body from {} failed: {e}", self.peer);
                     return Outcome::Abandoned(UpstreamError);
                 }
             }
+        }
+        if let Some(mut capturer) = capturer {
+            capturer.end();
+            self.captured = Some(capturer.finish());
         }
         connector
             .release_http_session(session, &self.peer, self.peer.idle_timeout())
