@@ -45,9 +45,9 @@ pub struct CompareConfig {
     /// JSON fields not compared: `$.a.b` exact, `$..name` at any depth, `[*]` any index.
     #[serde(default)]
     pub ignore_fields: Vec<String>,
-    /// Methods compared; only safe ones by default.
-    #[serde(default = "default_methods")]
-    pub methods: Vec<String>,
+    /// Methods compared; by default the safe ones (GET, HEAD, OPTIONS) the mirror copies.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
     /// JSON lines with sampled examples of differences, redacted, rotated by size.
     #[serde(default)]
     pub diff_log: Option<PathBuf>,
@@ -84,9 +84,8 @@ pub struct CompareConfig {
 fn default_max_body_bytes() -> u64 {
     DEFAULT_MAX_BODY_BYTES
 }
-fn default_methods() -> Vec<String> {
-    vec!["GET".into(), "HEAD".into(), "OPTIONS".into()]
-}
+/// Compared when `methods` is left out (and mirrored).
+pub const DEFAULT_METHODS: &[&str] = &["GET", "HEAD", "OPTIONS"];
 fn default_diff_log_max_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -172,13 +171,14 @@ impl CompareConfig {
             FieldPattern::parse(pattern)
                 .map_err(|why| error(format!("{at}.ignore_fields[{i}]"), why))?;
         }
-        if self.methods.is_empty() {
+        let methods = self.methods.as_deref().unwrap_or_default();
+        if self.methods.is_some() && methods.is_empty() {
             return Err(error(
                 format!("{at}.methods"),
                 "an empty method list compares nothing; list methods or leave the key out for GET, HEAD, OPTIONS".into(),
             ));
         }
-        for (i, name) in self.methods.iter().enumerate() {
+        for (i, name) in methods.iter().enumerate() {
             let path = format!("{at}.methods[{i}]");
             let method = Method::from_bytes(name.as_bytes())
                 .ok()

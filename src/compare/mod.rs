@@ -122,11 +122,16 @@ impl Comparator {
             route: route.to_string(),
             mirror: mirror.to_string(),
             control: config.control.clone(),
-            methods: config
-                .methods
-                .iter()
-                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                .collect(),
+            methods: match &config.methods {
+                Some(list) => list
+                    .iter()
+                    .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                    .collect(),
+                None => config::DEFAULT_METHODS
+                    .iter()
+                    .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                    .collect(),
+            },
             max_body_bytes: config.max_body_bytes,
             settings,
             metrics: CompareMetrics::new(route, mirror),

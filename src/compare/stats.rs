@@ -142,8 +142,8 @@ impl Stats {
                 .add();
         }
         let recent = endpoint.compared.recent();
-        for field in endpoint.fields.values_mut() {
-            let (flagged, volatile) = judge(&t, recent, field);
+        for (path, field) in endpoint.fields.iter_mut() {
+            let (flagged, volatile) = judge(&t, recent, path, field);
             if flagged != field.flagged {
                 if flagged {
                     self.flagged += 1;
@@ -228,8 +228,9 @@ fn field_of<'a>(fields: &'a mut HashMap<String, Field>, path: &str, max: usize) 
 /// (zero without a control) by more than the absolute margin and by more than
 /// the relative margin of the control's rate. Without a control a volatile
 /// field (differing on nearly every request) is reported, never flagged: only
-/// a control can tell a regression from a timestamp.
-fn judge(t: &Thresholds, recent: u64, f: &Field) -> (bool, bool) {
+/// a control can tell a regression from a timestamp. The status is the
+/// exception: no status code is a timestamp, so it is flagged regardless.
+fn judge(t: &Thresholds, recent: u64, path: &str, f: &Field) -> (bool, bool) {
     if recent < t.min_samples {
         return (false, false);
     }
@@ -238,7 +239,7 @@ fn judge(t: &Thresholds, recent: u64, f: &Field) -> (bool, bool) {
     let volatile = candidate >= t.volatile_rate;
     let exceeds =
         candidate - control > t.absolute_margin && candidate > control * (1.0 + t.relative_margin);
-    let flagged = exceeds && (t.has_control || !volatile);
+    let flagged = exceeds && (t.has_control || !volatile || path == "status");
     (flagged, volatile)
 }
 
@@ -295,7 +296,7 @@ mod tests {
         }
     }
 
-    fn field<'a>(s: &'a Stats, path: &str) -> FieldReport {
+    fn field(s: &Stats, path: &str) -> FieldReport {
         s.report()
             .into_iter()
             .flat_map(|e| e.fields)
@@ -352,6 +353,13 @@ mod tests {
         }
         assert!(field(&s, "$.ts").volatile && !field(&s, "$.ts").flagged);
         assert!(field(&s, "$.a").flagged);
+        // A status that always differs is a regression, not noise.
+        let mut s = Stats::new(thresholds(false));
+        for _ in 0..50 {
+            s.record("GET", "/x", &["status"], &[]);
+        }
+        let f = field(&s, "status");
+        assert!(f.flagged && f.volatile);
     }
 
     #[test]
