@@ -376,6 +376,10 @@ impl ProxyHttp for ShadowGate {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // A response that ended without error was whole: comparisons may use it.
+        if e.is_none() {
+            ctx.tee.primary_complete();
+        }
         // A shadow still waiting for body will not get the rest: close it, not finish it.
         ctx.tee.finish();
         let status = session

@@ -520,6 +520,17 @@ impl MirrorTee {
         }
     }
 
+    /// The primary's exchange ended without error, so its response was whole:
+    /// covers a body that ended with the header (e.g. an empty HTTP/2 response),
+    /// which makes no body filter call.
+    pub fn primary_complete(&mut self) {
+        if let Some(capture) = &mut self.primary_capture
+            && capture.has_header()
+        {
+            capture.end();
+        }
+    }
+
     /// A chunk of the primary's response body (shared, not copied).
     pub fn primary_body(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) {
         let Some(capture) = &mut self.primary_capture else {
