@@ -211,7 +211,7 @@ impl ShadowSession {
         };
         // A response to HEAD has no body, whatever its Content-Length says; the
         // HTTP/2 client would take the missing bytes for a protocol error.
-        let has_body = self.header.method != http::Method::HEAD;
+        let mut has_body = self.header.method != http::Method::HEAD;
         while has_body {
             match session.read_response_body().await {
                 // Kept (up to the cap) when compared, else discarded.
@@ -220,7 +220,7 @@ impl ShadowSession {
                         capturer.body(&chunk);
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => has_body = false,
                 Err(e) => {
                     debug!("shadow response body from {} failed: {e}", self.peer);
                     return Outcome::Abandoned(UpstreamError);
