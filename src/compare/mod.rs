@@ -224,7 +224,9 @@ impl Comparator {
             .stats
             .record(&job.method, &template, &cand_paths, &ctrl_paths);
         self.metrics.flagged.set(flagged as i64);
-        if cand.fields.is_empty() {
+        // Examples are for differences worth a look: not ones made only of
+        // fields known to differ on nearly every request.
+        if cand.fields.is_empty() || state.stats.only_noise(&job.method, &template, &cand_paths) {
             return;
         }
         let example = self.example(job, primary, candidate, control, &cand, ctrl.as_ref());

@@ -156,11 +156,16 @@ pub fn html(report: &Report) -> String {
         for x in m.examples.iter().rev().take(4) {
             let _ = write!(
                 out,
-                "<p><code>{} {}</code> <span class=\"muted\">id {} &middot; status {} / {}{} &middot; {:.1} / {:.1} ms</span></p>\
+                "<p><code>{} {}</code> <span class=\"muted\">id {} &middot; primary / candidate{}: status {} / {}{}, {:.1} / {:.1}{} ms</span></p>\
                  <table><tr><th>field</th><th>kind</th><th>primary</th><th>candidate</th>{}</tr>",
                 esc(&x.method),
                 esc(&x.path),
                 esc(&x.id),
+                if x.status.control.is_some() {
+                    " / control"
+                } else {
+                    ""
+                },
                 x.status.primary,
                 x.status.candidate,
                 x.status
@@ -169,6 +174,10 @@ pub fn html(report: &Report) -> String {
                     .unwrap_or_default(),
                 x.latency_ms.primary,
                 x.latency_ms.candidate,
+                x.latency_ms
+                    .control
+                    .map(|ms| format!(" / {ms:.1}"))
+                    .unwrap_or_default(),
                 if m.control.is_some() {
                     "<th>control</th>"
                 } else {

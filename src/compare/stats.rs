@@ -157,6 +157,21 @@ impl Stats {
         self.flagged
     }
 
+    /// Whether every one of `paths` is a volatile, unflagged field of the endpoint:
+    /// an example of such a difference teaches nothing new.
+    pub fn only_noise(&self, method: &str, template: &str, paths: &[&str]) -> bool {
+        let key = (method.to_string(), template.to_string());
+        let Some(endpoint) = self.endpoints.get(&key) else {
+            return false;
+        };
+        paths.iter().all(|p| {
+            endpoint
+                .fields
+                .get(*p)
+                .is_some_and(|f| f.volatile && !f.flagged)
+        })
+    }
+
     pub fn flagged(&self) -> usize {
         self.flagged
     }
@@ -338,6 +353,8 @@ mod tests {
         let f = field(&s, "$.ts");
         assert!(!f.flagged && f.volatile);
         assert_eq!((f.candidate_diffs, f.control_diffs), (50, 50));
+        assert!(s.only_noise("GET", "/x", &["$.ts"]));
+        assert!(!s.only_noise("GET", "/x", &["$.ts", "$.new"]));
     }
 
     #[test]

@@ -143,15 +143,26 @@ impl Mirror {
         metrics: &Metrics,
         runtime: Arc<MirrorRuntime>,
     ) -> Self {
-        let compare = config
+        let mut mirror = Mirror::without_compare(route, config, pool, metrics, runtime.clone());
+        mirror.compare = config
             .compare
             .as_ref()
-            .map(|c| Comparator::new(route, &pool.name, c));
-        let control = control.map(|control_pool| {
-            let mut twin = Mirror::new(route, config, control_pool, None, metrics, runtime.clone());
-            twin.compare = None;
+            .map(|c| Comparator::new(route, &mirror.pool.name, c));
+        mirror.control = control.map(|control_pool| {
+            let twin = Mirror::without_compare(route, config, control_pool, metrics, runtime);
             Arc::new(twin)
         });
+        mirror
+    }
+
+    /// The mirror's copying alone: also the control's twin, which is compared, not comparing.
+    fn without_compare(
+        route: &str,
+        config: &MirrorConfig,
+        pool: Arc<Pool>,
+        metrics: &Metrics,
+        runtime: Arc<MirrorRuntime>,
+    ) -> Self {
         // Names and values were validated when the config was loaded.
         let set_headers = config
             .request_headers
@@ -189,8 +200,8 @@ impl Mirror {
             metrics: metrics.mirror(route, &pool.name),
             pool,
             runtime,
-            compare,
-            control,
+            compare: None,
+            control: None,
         }
     }
 
