@@ -200,10 +200,27 @@ async fn identical_origins_flag_nothing_over_two_thousand_requests() {
             .await,
         0.0
     );
-    // Every side got every request.
+    // Every side got every request, and the control exactly what the candidate got.
     assert_eq!(f.primary.count(), 2000);
-    assert_eq!(f.candidate.count(), 2000);
-    assert_eq!(f.control.as_ref().map(Origin::count), Some(2000));
+    let by_uri = |origin: &Origin| {
+        let mut seen: Vec<_> = origin
+            .requests()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.uri.clone(),
+                    r.method.clone(),
+                    r.headers.clone(),
+                    r.body_sha256,
+                )
+            })
+            .collect();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        seen
+    };
+    let control = f.control.as_ref().expect("control");
+    assert_eq!(by_uri(&f.candidate).len(), 2000);
+    assert_eq!(by_uri(&f.candidate), by_uri(control));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -791,4 +808,37 @@ async fn bodiless_responses_are_compared_over_http1_and_http2() {
         assert_eq!(outcome(&proxy, "cand", "equal").await, 4.0, "{protocol}");
         assert_eq!(outcome(&proxy, "cand", "skipped").await, 0.0, "{protocol}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fixed_regression_stops_being_flagged() {
+    // The candidate gets the price wrong on its first 100 answers, then is fixed.
+    let candidate = |index: u64, uri: &str| {
+        let mut body = item(uri);
+        if index < 100 {
+            body["price"] = json!(11);
+        }
+        Reply::json(&body)
+    };
+    let f = fleet(
+        OriginOptions::named("primary").reply(same_json()),
+        OriginOptions::named("candidate").reply(candidate),
+        Some(OriginOptions::named("control").reply(same_json())),
+        "min_samples: 20\nwindow: 100\n",
+        "",
+        "",
+    )
+    .await;
+    let flagged = "shadowgate_compare_flagged_fields";
+    load(&f.proxy, 100, 8, |i| format!("/items/{i}")).await;
+    wait_compared(&f.proxy, 100).await;
+    assert_eq!(f.proxy.metric(flagged, &[("mirror", "cand")]).await, 1.0);
+    load(&f.proxy, 100, 8, |i| format!("/items/{i}")).await;
+    wait_compared(&f.proxy, 200).await;
+    assert_eq!(f.proxy.metric(flagged, &[("mirror", "cand")]).await, 0.0);
+    let report = compare_report(f.proxy.metrics_addr).await;
+    let price = field(&report, "cand", "$.price");
+    assert_eq!(price["flagged"], false);
+    assert_eq!(price["candidate_diffs"], 100);
+    assert_eq!(price["candidate_rate"], 0.0);
 }
