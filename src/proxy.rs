@@ -329,18 +329,6 @@ impl ProxyHttp for ShadowGate {
         Ok(())
     }
 
-    /// Per response body chunk from the primary: captured (shared, not copied) for comparisons.
-    fn upstream_response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<std::time::Duration>> {
-        ctx.tee.primary_body(body.as_ref(), end_of_stream);
-        Ok(None)
-    }
-
     /// Before the response goes to the client.
     async fn response_filter(
         &self,
@@ -351,6 +339,18 @@ impl ProxyHttp for ShadowGate {
         // A request already under way when the drain began must say so too.
         self.close_if_draining(session);
         Ok(())
+    }
+
+    /// Per response body chunk from the primary: captured (shared, not copied) for comparisons.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        ctx.tee.primary_body(body.as_ref(), end_of_stream);
+        Ok(None)
     }
 
     async fn fail_to_proxy(
