@@ -8,8 +8,8 @@ use pingora_prometheus::prometheus::{
     default_registry,
 };
 
-use super::SkipReason;
 use super::diff::BodyNote;
+use super::skip::SkipReason;
 
 /// Signed latency differences (side minus primary), in seconds.
 const DELTA_BUCKETS: &[f64] = &[

@@ -10,6 +10,7 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 pub mod report;
+pub mod skip;
 pub mod stats;
 
 use std::collections::{HashSet, VecDeque};
@@ -26,38 +27,8 @@ use diff::{Differences, Settings};
 use difflog::{DiffLog, Example, ExampleField, Logged, PerSide};
 use json::{FieldPattern, JsonLimits};
 use metrics::{CompareMetrics, Side};
+pub use skip::SkipReason;
 use stats::{Stats, Thresholds};
-
-/// Why a sampled request was not compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SkipReason {
-    /// Mirrored, but the method is not in `compare.methods`.
-    Method,
-    /// The primary's response did not arrive whole (error, client gone).
-    PrimaryIncomplete,
-    /// The candidate was not started, failed, timed out or answered garbage.
-    CandidateFailed,
-    /// The same for the control.
-    ControlFailed,
-}
-
-impl SkipReason {
-    pub const ALL: [SkipReason; 4] = [
-        SkipReason::Method,
-        SkipReason::PrimaryIncomplete,
-        SkipReason::CandidateFailed,
-        SkipReason::ControlFailed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::Method => "method",
-            SkipReason::PrimaryIncomplete => "primary_incomplete",
-            SkipReason::CandidateFailed => "candidate_failed",
-            SkipReason::ControlFailed => "control_failed",
-        }
-    }
-}
 
 /// Examples kept in memory per mirror for the report page.
 const EXAMPLES_KEPT: usize = 16;
