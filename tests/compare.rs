@@ -842,3 +842,38 @@ async fn a_fixed_regression_stops_being_flagged() {
     assert_eq!(price["candidate_diffs"], 100);
     assert_eq!(price["candidate_rate"], 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_candidate_delays_the_verdict_never_the_primary() {
+    let f = fleet(
+        OriginOptions::named("primary").reply(same_json()),
+        OriginOptions::named("candidate")
+            .reply(same_json())
+            .response_delay(Duration::from_millis(1500)),
+        None,
+        "",
+        "",
+        "timeout_ms: 10000\n",
+    )
+    .await;
+    let client = common::client();
+    let started = std::time::Instant::now();
+    for i in 0..4 {
+        let response = client
+            .get(f.proxy.url(&format!("/items/{i}")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await.expect("body");
+    }
+    // Four primaries answered well before one candidate could.
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(outcome(&f.proxy, "cand", "equal").await, 0.0);
+    wait_compared(&f.proxy, 4).await;
+    assert_eq!(outcome(&f.proxy, "cand", "equal").await, 4.0);
+}

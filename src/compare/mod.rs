@@ -339,6 +339,9 @@ impl Job {
             Some(Ok(c)) => Some(c),
             Some(Err(_)) => return comparator.skip(SkipReason::ControlFailed),
         };
+        // Parsing and walking bodies is CPU work: let requests waiting on this
+        // worker go first (with `mirror_threads: 0` it is a proxy worker).
+        tokio::task::yield_now().await;
         comparator.judge(&self, &primary, &candidate, control.as_ref());
     }
 }
