@@ -77,6 +77,16 @@ fn flatten_and_diff(c: &mut Criterion) {
                 })
             },
         );
+        let twin = capture(&document(size, None));
+        group.bench_function(format!("{} KiB JSON, identical bodies", size / 1024), |b| {
+            b.iter(|| {
+                black_box(diff::compare(
+                    black_box(&primary),
+                    black_box(&twin),
+                    &settings,
+                ))
+            })
+        });
     }
     group.finish();
 }
