@@ -691,6 +691,13 @@ async fn the_report_page_and_metrics_share_the_metrics_listener() {
         .await
         .expect("GET /nope");
     assert_eq!(missing.status(), 404);
+    let gzipped = common::client()
+        .get(format!("http://{}/metrics", f.proxy.metrics_addr))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(gzipped.headers()["content-encoding"], "gzip");
     let metrics = f.proxy.metrics_text().await;
     assert!(metrics.contains("shadowgate_compare_latency_delta_seconds_bucket"));
     assert!(metrics.contains("shadowgate_requests_total"));

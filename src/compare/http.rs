@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::{HttpServer, ServeHttp};
+use pingora_core::modules::http::compression::ResponseCompressionBuilder;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::services::listening::Service;
 use pingora_prometheus::prometheus::{self, Encoder, TextEncoder};
@@ -67,8 +68,8 @@ impl ServeHttp for AdminApp {
 
 /// The listening service for the metrics address.
 pub fn service() -> Service<HttpServer<AdminApp>> {
-    Service::new(
-        "metrics and verdicts HTTP".to_string(),
-        HttpServer::new_app(AdminApp),
-    )
+    let mut server = HttpServer::new_app(AdminApp);
+    // Gzip for clients that ask, as the stock Prometheus service did.
+    server.add_module(ResponseCompressionBuilder::enable(7));
+    Service::new("metrics and verdicts HTTP".to_string(), server)
 }
