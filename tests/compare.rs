@@ -705,7 +705,12 @@ async fn the_report_page_and_metrics_share_the_metrics_listener() {
     assert!(!metrics.contains("$.price"));
 }
 
+/// Run `shadowgate -t` (or, with `test` false, start it) on a config whose mirror has `compare`.
 fn check_config(compare: &str) -> (bool, String) {
+    run_config(compare, true)
+}
+
+fn run_config(compare: &str, test: bool) -> (bool, String) {
     let dir = private_dir();
     let config = format!(
         "pid_file: {d}/p.pid\nupgrade_sock: {d}/u.sock\nlisteners: [{{ address: \"127.0.0.1:18080\" }}]\n\
@@ -716,7 +721,7 @@ fn check_config(compare: &str) -> (bool, String) {
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, config).expect("write");
     let out = std::process::Command::new(common::proxy::binary())
-        .arg("-t")
+        .args(if test { &["-t"][..] } else { &[] })
         .arg("-c")
         .arg(&path)
         .env("XDG_RUNTIME_DIR", dir.path())
@@ -763,6 +768,14 @@ fn compare_config_errors_name_the_field() {
         assert_eq!(lines.len(), 1, "{compare}: {stderr}");
         assert!(lines[0].contains(&path), "{compare}: {stderr}");
     }
+    // The same line at startup as from -t.
+    let message = |(ok, stderr): (bool, String)| {
+        assert!(!ok);
+        stderr.split_once("c.yaml: ").map(|(_, m)| m.to_string())
+    };
+    let at_start = message(run_config("{ control: nope }", false));
+    assert!(at_start.is_some());
+    assert_eq!(at_start, message(check_config("{ control: nope }")));
     let (ok, stderr) = check_config(
         "{ ignore_fields: [\"$..timestamp\", \"$.meta.trace\"], ignore_headers: [x-request-id] }",
     );
