@@ -95,6 +95,7 @@ routes:
         "bench",
         &config.routes[0].mirrors[0],
         pools.get("shadow").expect("shadow pool"),
+        None,
         &metrics,
         mirror_runtime,
     ));

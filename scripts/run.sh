@@ -16,7 +16,7 @@ target/release/shadowgate -t -c "$CONFIG"
 # True when something accepts TCP connections on HOST:PORT.
 listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 
-for addr in $PROXY $METRICS 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003; do
+for addr in $PROXY $METRICS 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003 127.0.0.1:9004; do
     if listening "$addr"; then
         sg_say "$addr is already in use (another shadowgate or demo origin running?); stop it first"
         exit 1
@@ -32,13 +32,16 @@ trap stop_origins EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# The pools of conf/shadowgate.yaml: app (live) and app-v2 (shadow only).
+# The pools of conf/shadowgate.yaml: app (live), app-v2 (the candidate, shadow only,
+# drifting on one field) and app-control (the current version again, for the noise floor).
 target/release/examples/demo_origin app 127.0.0.1:9001 127.0.0.1:9002 &
 origins+=($!)
-target/release/examples/demo_origin app-v2 127.0.0.1:9003 &
+target/release/examples/demo_origin app-v2 127.0.0.1:9003 --drift &
+origins+=($!)
+target/release/examples/demo_origin app-control 127.0.0.1:9004 &
 origins+=($!)
 
-for addr in 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003; do
+for addr in 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003 127.0.0.1:9004; do
     for _ in $(seq 100); do
         listening "$addr" && break
         sleep 0.05
@@ -54,6 +57,13 @@ shadowgate is starting on http://$PROXY (config $CONFIG). Try, in another termin
   curl -i -d 'some body' http://$PROXY/api/echo   # POST is mirrored too (see the config)
   curl -i http://$PROXY/                       # route default -> app, no mirror
   curl -s http://$METRICS/metrics | grep ^shadowgate_
+
+Shadow verdicts: send some traffic, then open the report (app-v2 gets
+\$.price.currency wrong in one answer of ten; \$.served_at differs everywhere):
+
+  for i in \$(seq 400); do curl -s -o /dev/null http://$PROXY/api/items/\$i; done
+  curl -s http://$METRICS/compare            # JSON
+  xdg-open http://$METRICS/compare.html      # or open it in any browser
 
 Ctrl-C stops the proxy and the demo origins.
 

@@ -2,6 +2,7 @@
 //! `build_server` turns a validated [`Config`] into a ready-to-run Pingora server; `main`, tests and benches share it.
 
 pub mod access_log;
+pub mod compare;
 pub mod config;
 pub mod limits;
 pub mod listener;
@@ -69,9 +70,12 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     };
     server.add_service(background_service("process setup", setup));
     if let Some(metrics_config) = &config.metrics {
-        let mut service = pingora_prometheus::prometheus_http_service();
+        let mut service = compare::http::service();
         service.add_tcp(&metrics_config.address.to_string());
-        info!("metrics on http://{}/metrics", metrics_config.address);
+        info!(
+            "metrics on http://{0}/metrics, shadow verdicts on http://{0}/compare(.html)",
+            metrics_config.address
+        );
         server.add_service(service);
     }
     Ok(App { server, draining })

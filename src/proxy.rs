@@ -78,10 +78,16 @@ impl ShadowGate {
                 .mirrors
                 .iter()
                 .map(|m| {
+                    let control = m
+                        .compare
+                        .as_ref()
+                        .and_then(|c| c.control.as_ref())
+                        .map(|name| pools.referenced(name));
                     Arc::new(Mirror::new(
                         &route.name,
                         m,
                         pools.referenced(&m.upstream),
+                        control,
                         metrics,
                         mirror_runtime.clone(),
                     ))
@@ -379,10 +385,12 @@ impl ProxyHttp for ShadowGate {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.tee.primary_sent();
+        // Compared shadows need the primary's answer: its header first.
+        ctx.tee.primary_response(upstream_response);
         Ok(())
     }
 
@@ -396,6 +404,18 @@ impl ProxyHttp for ShadowGate {
         // A request already under way when the drain began must say so too.
         self.close_if_draining(session);
         Ok(())
+    }
+
+    /// Per response body chunk from the primary: captured (shared, not copied) for comparisons.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        ctx.tee.primary_body(body.as_ref(), end_of_stream);
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -421,6 +441,10 @@ impl ProxyHttp for ShadowGate {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // A response that ended without error was whole: comparisons may use it.
+        if e.is_none() {
+            ctx.tee.primary_complete();
+        }
         // A shadow still waiting for body will not get the rest: close it, not finish it.
         ctx.tee.finish();
         let status = session

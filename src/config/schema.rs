@@ -261,6 +261,9 @@ pub struct MirrorConfig {
     /// Add `x-shadowgate-mirror: 1` so the shadow can tell mirrored traffic apart.
     #[serde(default = "default_true")]
     pub mark_header: bool,
+    /// Shadow verdicts: compare the shadow's responses with the primary's.
+    #[serde(default)]
+    pub compare: Option<crate::compare::config::CompareConfig>,
 }
 
 fn default_mirror_methods() -> Vec<MethodName> {

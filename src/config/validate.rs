@@ -154,6 +154,19 @@ impl Config {
                     ));
                 }
                 validate_mirror(&at, mirror, self.mirror_budget_bytes)?;
+                if let Some(compare) = &mirror.compare {
+                    let methods: Vec<http::Method> =
+                        mirror.methods.iter().map(|m| m.0.clone()).collect();
+                    let context = crate::compare::config::MirrorContext {
+                        candidate: &mirror.upstream,
+                        primary: &route.upstream,
+                        mirrored_methods: &methods,
+                        is_upstream: &|name| self.upstreams.contains_key(name),
+                    };
+                    compare
+                        .validate(&format!("{at}.compare"), &context)
+                        .map_err(|e| ConfigError::new(e.path, e.message))?;
+                }
             }
         }
         Ok(())

@@ -109,6 +109,41 @@ impl Drop for QueuedChunk {
     }
 }
 
+/// Bytes held outside any queue, e.g. a response captured for comparison: drawn
+/// from the same process budget, grown as bytes arrive, given back on drop.
+#[derive(Debug)]
+pub struct BudgetHold {
+    budget: Arc<ByteBudget>,
+    bytes: u64,
+}
+
+impl BudgetHold {
+    pub fn new(budget: Arc<ByteBudget>) -> Self {
+        BudgetHold { budget, bytes: 0 }
+    }
+
+    /// Take `n` more bytes if the budget has them.
+    pub fn grow(&mut self, n: u64) -> bool {
+        if !self.budget.try_take(n) {
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+
+    /// Give every held byte back now.
+    pub fn release(&mut self) {
+        self.budget.give_back(self.bytes);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +187,16 @@ mod tests {
         drop(chunks);
         assert_eq!(budget.used(), 0);
         assert_eq!(budget.gauge.get(), 0);
+    }
+
+    #[test]
+    fn a_hold_grows_within_the_budget_and_gives_back_on_drop() {
+        let budget = budget(10);
+        let mut hold = BudgetHold::new(budget.clone());
+        assert!(hold.grow(8));
+        assert!(!hold.grow(3));
+        assert_eq!(budget.used(), 8);
+        drop(hold);
+        assert_eq!(budget.used(), 0);
     }
 }

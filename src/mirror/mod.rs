@@ -9,15 +9,17 @@ pub mod shadow;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 use log::{debug, warn};
 use pingora_core::connectors::http::Connector;
-use pingora_http::RequestHeader;
-use tokio::sync::{Semaphore, mpsc};
+use pingora_http::{RequestHeader, ResponseHeader};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::compare::Comparator;
+use crate::compare::capture::{Capture, Capturer};
 use crate::config::{MirrorConfig, SampleBy};
 use crate::metrics::{Metrics, MirrorMetrics};
 use crate::request;
@@ -25,7 +27,7 @@ use crate::upstream::Pool;
 use budget::{ByteBudget, QueueAccount};
 use executor::ShadowExecutor;
 use sampler::Sampler;
-use shadow::{AbortSignal, ShadowMsg, ShadowSession};
+use shadow::{AbortSignal, CaptureSink, ShadowMsg, ShadowSession};
 
 /// Why a request was not mirrored, or why a shadow request was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,13 +148,42 @@ pub struct Mirror {
     mark_header: bool,
     metrics: MirrorMetrics,
     runtime: Arc<MirrorRuntime>,
+    /// Shadow verdicts, when the mirror has a `compare` section.
+    compare: Option<Arc<Comparator>>,
+    /// The control pool's twin of this mirror: same request, same limits.
+    control: Option<Arc<Mirror>>,
 }
+
+/// The outcome slot of a control twin's tap: it has none of its own.
+const NO_SLOT: usize = usize::MAX;
 
 /// Header that tells a shadow upstream the request is a mirrored copy.
 pub const MARKER_HEADER: &str = "x-shadowgate-mirror";
 
 impl Mirror {
+    /// `control`: the pool named by `compare.control`, if any.
     pub fn new(
+        route: &str,
+        config: &MirrorConfig,
+        pool: Arc<Pool>,
+        control: Option<Arc<Pool>>,
+        metrics: &Metrics,
+        runtime: Arc<MirrorRuntime>,
+    ) -> Self {
+        let mut mirror = Mirror::without_compare(route, config, pool, metrics, runtime.clone());
+        mirror.compare = config
+            .compare
+            .as_ref()
+            .map(|c| Comparator::new(route, &mirror.pool.name, c));
+        mirror.control = control.map(|control_pool| {
+            let twin = Mirror::without_compare(route, config, control_pool, metrics, runtime);
+            Arc::new(twin)
+        });
+        mirror
+    }
+
+    /// The mirror's copying alone: also the control's twin, which is compared, not comparing.
+    fn without_compare(
         route: &str,
         config: &MirrorConfig,
         pool: Arc<Pool>,
@@ -182,6 +213,8 @@ impl Mirror {
             metrics: metrics.mirror(route, &pool.name),
             pool,
             runtime,
+            compare: None,
+            control: None,
         }
     }
 
@@ -217,6 +250,7 @@ impl Mirror {
         primary: RequestHeader,
         client_ip: Option<IpAddr>,
         body: RequestBody,
+        capture: Option<CaptureSink>,
     ) -> Result<Tap, AbandonReason> {
         if let RequestBody::Length(len) = body
             && len > self.max_body_bytes
@@ -251,6 +285,8 @@ impl Mirror {
             inbox: rx,
             abort: abort.clone(),
             mirror: self.clone(),
+            capture,
+            captured: None,
             _permit: permit,
         };
         self.runtime.executor.spawn(session.run());
@@ -353,7 +389,7 @@ struct Tap {
     /// Body bytes already handed to the shadow, counted from the start of the body.
     delivered: u64,
     open: bool,
-    /// This tap's entry in `MirrorTee::outcomes`.
+    /// This tap's entry in `MirrorTee::outcomes` (`NO_SLOT` for a control twin).
     slot: usize,
     /// Why the primary side gave this shadow up, if it did.
     abandoned: Option<AbandonReason>,
@@ -412,6 +448,11 @@ pub struct MirrorTee {
     attempt_offset: u64,
     /// Each mirror of the route and what it did with this request.
     outcomes: Vec<(Arc<Mirror>, MirrorOutcome)>,
+    /// The primary's response, captured for comparisons begun for this request.
+    primary_capture: Option<Capturer>,
+    /// Where the primary's capture goes, one per comparing mirror.
+    compare_senders: Vec<oneshot::Sender<Arc<Capture>>>,
+    head_request: bool,
 }
 
 impl MirrorTee {
@@ -463,30 +504,106 @@ impl MirrorTee {
         let Some(header) = self.primary_header.take() else {
             return;
         };
-        // Each shadow edits its own copy; the last one takes the header itself.
-        let mut pending = std::mem::take(&mut self.pending);
-        let last = pending.pop();
-        for slot in pending {
-            self.start_shadow(slot, header.clone());
+        // Who starts: each sampled mirror (with its outcome slot), and the control
+        // twin of a comparing one.
+        let mut starts: Vec<(usize, Arc<Mirror>, Option<CaptureSink>)> = Vec::new();
+        let mut capture_cap: Option<(u64, Arc<ByteBudget>)> = None;
+        for slot in std::mem::take(&mut self.pending) {
+            let Some(mirror) = self.outcomes.get(slot).map(|(m, _)| m.clone()) else {
+                continue;
+            };
+            let Some(pending) = mirror.compare.as_ref().and_then(|c| c.begin(&header)) else {
+                starts.push((slot, mirror, None));
+                continue;
+            };
+            let cap = mirror.compare.as_ref().map_or(0, |c| c.max_body_bytes);
+            let sink = |tx| CaptureSink { tx, cap };
+            // A side that does not start drops its sender: the comparison counts it skipped.
+            starts.push((slot, mirror.clone(), Some(sink(pending.candidate))));
+            if let (Some(control), Some(tx)) = (&mirror.control, pending.control) {
+                starts.push((NO_SLOT, control.clone(), Some(sink(tx))));
+            }
+            self.compare_senders.push(pending.primary);
+            mirror.runtime.executor.spawn(pending.job.run());
+            let widest = capture_cap.as_ref().map_or(cap, |(c, _)| cap.max(*c));
+            capture_cap = Some((widest, mirror.runtime.budget.clone()));
         }
-        if let Some(slot) = last {
-            self.start_shadow(slot, header);
+        if let Some((cap, budget)) = &capture_cap {
+            self.head_request = header.method == Method::HEAD;
+            self.primary_capture = Some(Capturer::new(*cap, budget.clone(), Instant::now()));
+        }
+        // Each shadow edits its own copy; the last one takes the header itself.
+        let last = starts.pop();
+        for (slot, mirror, sink) in starts {
+            self.start_one(slot, &mirror, header.clone(), sink);
+        }
+        if let Some((slot, mirror, sink)) = last {
+            self.start_one(slot, &mirror, header, sink);
         }
     }
 
-    fn start_shadow(&mut self, slot: usize, header: RequestHeader) {
-        let Some((mirror, outcome)) = self.outcomes.get_mut(slot) else {
-            return;
-        };
-        match mirror.start(header, self.client_ip, self.body) {
+    fn start_one(
+        &mut self,
+        slot: usize,
+        mirror: &Arc<Mirror>,
+        header: RequestHeader,
+        sink: Option<CaptureSink>,
+    ) {
+        match mirror.start(header, self.client_ip, self.body, sink) {
             Ok(mut tap) => {
                 tap.slot = slot;
                 self.taps.push(tap);
             }
             Err(reason) => {
                 mirror.abandoned(reason);
-                *outcome = MirrorOutcome::Abandoned(reason);
+                if let Some((_, outcome)) = self.outcomes.get_mut(slot) {
+                    *outcome = MirrorOutcome::Abandoned(reason);
+                }
             }
+        }
+    }
+
+    /// The primary's response header, for the comparisons of this request.
+    pub fn primary_response(&mut self, response: &ResponseHeader) {
+        let Some(capture) = &mut self.primary_capture else {
+            return;
+        };
+        if response.status.is_informational() {
+            return;
+        }
+        capture.header(response.status.as_u16(), &response.headers);
+        let no_body = self.head_request
+            || matches!(response.status.as_u16(), 204 | 304)
+            || response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        if no_body {
+            capture.end();
+        }
+    }
+
+    /// The primary's exchange ended without error, so its response was whole:
+    /// covers a body that ended with the header (e.g. an empty HTTP/2 response),
+    /// which makes no body filter call.
+    pub fn primary_complete(&mut self) {
+        if let Some(capture) = &mut self.primary_capture
+            && capture.has_header()
+        {
+            capture.end();
+        }
+    }
+
+    /// A chunk of the primary's response body (shared, not copied).
+    pub fn primary_body(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) {
+        let Some(capture) = &mut self.primary_capture else {
+            return;
+        };
+        if let Some(chunk) = chunk {
+            capture.body(chunk);
+        }
+        if end_of_stream {
+            capture.end();
         }
     }
 
@@ -549,6 +666,18 @@ impl MirrorTee {
             }
         }
         self.taps.clear();
+        // The response has been sent: hand it to the comparisons. One that never
+        // ended (an error, a client gone) is dropped, and they count the skip.
+        if let Some(capture) = self.primary_capture.take()
+            && capture.has_header()
+            && capture.ended()
+        {
+            let capture = Arc::new(capture.finish());
+            for sender in self.compare_senders.drain(..) {
+                let _ = sender.send(capture.clone());
+            }
+        }
+        self.compare_senders.clear();
     }
 
     /// Each mirror of the route (by upstream name) and what it did with this request so far.

@@ -11,10 +11,11 @@ use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::protocols::http::v1::client::HttpSession as HttpSessionV1;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::budget::QueuedChunk;
 use super::{AbandonReason, Mirror};
+use crate::compare::capture::{Capture, Capturer};
 
 /// What the primary side sends a shadow session.
 #[derive(Debug)]
@@ -63,6 +64,12 @@ enum Outcome {
     Abandoned(AbandonReason),
 }
 
+/// Where a compared shadow delivers its response, and how much of the body to keep.
+pub struct CaptureSink {
+    pub tx: oneshot::Sender<Capture>,
+    pub cap: u64,
+}
+
 /// One mirrored request, owned by its own task.
 pub(super) struct ShadowSession {
     /// Taken by the exchange when it writes it (no copy).
@@ -73,6 +80,9 @@ pub(super) struct ShadowSession {
     pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
     pub abort: Arc<AbortSignal>,
     pub mirror: Arc<Mirror>,
+    /// Where the response goes when it is compared; otherwise it is read and discarded.
+    pub capture: Option<CaptureSink>,
+    pub captured: Option<Capture>,
     /// Held for the life of the session: it is this request's place under `max_in_flight`.
     pub _permit: OwnedSemaphorePermit,
 }
@@ -99,7 +109,7 @@ impl ShadowSession {
         let outcome = tokio::select! {
             biased;
             reason = abort.triggered() => Outcome::Abandoned(reason),
-            result = tokio::time::timeout(mirror.timeout, self.exchange()) => match result {
+            result = tokio::time::timeout(mirror.timeout, self.exchange(started)) => match result {
                 Ok(outcome) => outcome,
                 Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
             },
@@ -110,6 +120,13 @@ impl ShadowSession {
         mirror.metrics.in_flight.dec();
         let method = method.as_str();
         let path = uri.path();
+        // A compared response goes to its comparison; otherwise the sender is dropped
+        // and the comparison counts this side as failed.
+        if let (Some(sink), Some(captured), Outcome::Completed { .. }) =
+            (self.capture.take(), self.captured.take(), &outcome)
+        {
+            let _ = sink.tx.send(captured);
+        }
         match outcome {
             Outcome::Completed { status } => {
                 let seconds = started.elapsed().as_secs_f64();
@@ -138,7 +155,7 @@ impl ShadowSession {
         }
     }
 
-    async fn exchange(&mut self) -> Outcome {
+    async fn exchange(&mut self, started: Instant) -> Outcome {
         use AbandonReason::{ConnectError, PrimaryAborted, UpstreamError};
         let runtime = &self.mirror.runtime;
         let connected = if self.mirror.pool.is_h2() {
@@ -166,6 +183,8 @@ impl ShadowSession {
         let Some(header) = self.header.take() else {
             return Outcome::Abandoned(UpstreamError);
         };
+        // A response to HEAD has no body, whatever its framing headers say.
+        let is_head = header.method == http::Method::HEAD;
         if let Err(e) = session.write_request_header(header).await {
             debug!("shadow request header to {} failed: {e}", self.peer);
             return Outcome::Abandoned(UpstreamError);
@@ -199,28 +218,47 @@ impl ShadowSession {
         }
 
         // Read the whole response so the connection can go back to the pool.
-        let status = loop {
+        let (status, mut capturer) = loop {
             if let Err(e) = session.read_response_header().await {
                 debug!("shadow response from {} unreadable: {e}", self.peer);
                 return Outcome::Abandoned(UpstreamError);
             }
-            let Some(status) = session.response_header().map(|h| h.status) else {
+            let Some(header) = session.response_header() else {
                 return Outcome::Abandoned(UpstreamError);
             };
             // 1xx (e.g. 100 Continue) is interim: the final header follows.
-            if !status.is_informational() {
-                break status.as_u16();
+            if !header.status.is_informational() {
+                let status = header.status.as_u16();
+                let capturer = self.capture.as_ref().map(|sink| {
+                    let budget = self.mirror.runtime.budget.clone();
+                    let mut capturer = Capturer::new(sink.cap, budget, started);
+                    capturer.header(status, &header.headers);
+                    capturer
+                });
+                break (status, capturer);
             }
         };
-        loop {
+        // A response to HEAD has no body, whatever its Content-Length says; the
+        // HTTP/2 client would take the missing bytes for a protocol error.
+        let mut has_body = !is_head;
+        while has_body {
             match session.read_response_body().await {
-                Ok(Some(_discarded)) => {}
-                Ok(None) => break,
+                // Kept (up to the cap) when compared, else discarded.
+                Ok(Some(chunk)) => {
+                    if let Some(capturer) = &mut capturer {
+                        capturer.body(&chunk);
+                    }
+                }
+                Ok(None) => has_body = false,
                 Err(e) => {
                     debug!("shadow response body from {} failed: {e}", self.peer);
                     return Outcome::Abandoned(UpstreamError);
                 }
             }
+        }
+        if let Some(mut capturer) = capturer {
+            capturer.end();
+            self.captured = Some(capturer.finish());
         }
         match session {
             HttpSession::H1(mut h1) => {

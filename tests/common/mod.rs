@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 #[allow(unused_imports)]
 pub use origin::{
-    Misbehavior, Origin, OriginOptions, RawOrigin, Recorded, refusing_address, sha256_hex,
+    Misbehavior, Origin, OriginOptions, RawOrigin, Recorded, Reply, refusing_address, sha256_hex,
 };
 pub use proxy::Proxy;
 

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,38 @@ impl Recorded {
     }
 }
 
+/// What a recording origin answers when `OriginOptions::reply` is set.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// 200 with a JSON body.
+    pub fn json(value: &serde_json::Value) -> Reply {
+        Reply {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: value.to_string().into_bytes(),
+        }
+    }
+
+    pub fn status(mut self, status: u16) -> Reply {
+        self.status = status;
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// Builds the answer to one request: (index of the request at this origin, from 0; path and query).
+pub type Replier = Arc<dyn Fn(u64, &str) -> Reply + Send + Sync>;
+
 /// How a recording origin behaves.
 #[derive(Clone)]
 pub struct OriginOptions {
@@ -49,6 +81,8 @@ pub struct OriginOptions {
     pub read_delay_per_frame: Duration,
     /// When set, answer a body of this many bytes (`body_of`) instead of the summary line.
     pub response_bytes: Option<usize>,
+    /// Answer with this instead of the default text body (no `x-origin` header then).
+    pub reply: Option<Replier>,
 }
 
 impl OriginOptions {
@@ -59,11 +93,18 @@ impl OriginOptions {
             response_delay: Duration::ZERO,
             read_delay_per_frame: Duration::ZERO,
             response_bytes: None,
+            reply: None,
         }
     }
 
     pub fn response_bytes(mut self, len: usize) -> Self {
         self.response_bytes = Some(len);
+        self
+    }
+
+    /// Answer every request with `reply(index, path_and_query)`.
+    pub fn reply(mut self, reply: impl Fn(u64, &str) -> Reply + Send + Sync + 'static) -> Self {
+        self.reply = Some(Arc::new(reply));
         self
     }
 
@@ -83,6 +124,7 @@ struct Shared {
     log: Mutex<Vec<Recorded>>,
     arrived: Notify,
     healthy: AtomicBool,
+    answered: AtomicU64,
 }
 
 /// A recording origin: answers every request and keeps what it received.
@@ -121,6 +163,7 @@ impl Origin {
             log: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             healthy: AtomicBool::new(true),
+            answered: AtomicU64::new(0),
         });
         let state = shared.clone();
         let task = tokio::spawn(async move {
@@ -246,6 +289,17 @@ async fn handle(
     state.arrived.notify_waiters();
     if !options.response_delay.is_zero() {
         tokio::time::sleep(options.response_delay).await;
+    }
+    if let Some(reply) = &options.reply {
+        let index = state.answered.fetch_add(1, Ordering::SeqCst);
+        let reply = reply(index, &uri);
+        let mut response = Response::builder().status(reply.status);
+        for (name, value) in &reply.headers {
+            response = response.header(name.as_str(), value.as_str());
+        }
+        return Ok(response
+            .body(Full::new(Bytes::from(reply.body)))
+            .expect("response"));
     }
     let body = match options.response_bytes {
         Some(len) => Bytes::from(super::body_of(len)),
