@@ -193,6 +193,7 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 impl ProxyHttp for ShadowGate {
     type CTX = RequestCtx;
 
+    /// A fresh per-request state.
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
@@ -264,6 +265,7 @@ impl ProxyHttp for ShadowGate {
         Ok(false)
     }
 
+    /// Per attempt: pick a server of the route's pool, never one already tried.
     async fn upstream_peer(
         &self,
         session: &mut Session,
@@ -289,6 +291,7 @@ impl ProxyHttp for ShadowGate {
         Ok(Box::new(pool.peer(addr)))
     }
 
+    /// A connect failed: retry on another server up to the pool's `connect_retries`.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -418,6 +421,7 @@ impl ProxyHttp for ShadowGate {
         Ok(None)
     }
 
+    /// The request failed: answer the status its error maps to (or nothing if the client left).
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -440,6 +444,7 @@ impl ProxyHttp for ShadowGate {
         client_went_away(e) || matches!(e.etype(), ErrorType::HTTPStatus(431))
     }
 
+    /// Always last: close out the shadows, hand the capture to comparisons, record metrics and the access log.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // A response that ended without error was whole: comparisons may use it.
         if e.is_none() {
