@@ -9,7 +9,8 @@
 # What it does: builds the release binary, starts fixed-cost origins on
 # 127.0.0.1 (NGINX `return 200` with a body for the origin and one shadow,
 # NGINX `return 204` for a keep-alive shadow with no body, and a Python shadow
-# that answers after 500 ms), starts every proxy configuration pinned to its
+# that answers after 500 ms; every NGINX origin also answers a fixed 4 KiB JSON
+# document on /json, one of them with one value changed), starts every proxy configuration pinned to its
 # own CPUs, then measures them alternately (A B C D E, B C D E A, ...) after a
 # warm-up. Each mirror target is checked against its shadow's request count.
 # Results go to results/<timestamp>/: results.md (tables, CPU per request and
@@ -47,8 +48,10 @@ Usage: scripts/bench.sh [options]
   --settle-max S        wait at most S seconds at start for other CPU load to
                         settle (default 120; quick 10)
   --only LIST           only these scenarios, comma-separated: get_c1,get_c16,
-                        get_c64,latency,slow_shadow,post_1mib,no_keepalive
-                        (the CPU-per-request targets use get_c1,get_c16,get_c64)
+                        get_c64,latency,slow_shadow,post_1mib,no_keepalive,
+                        compare_c16
+                        (the CPU-per-request targets use get_c1,get_c16,get_c64;
+                        the shadow-verdict target uses compare_c16)
   --no-build            use the existing target/release/shadowgate
   --no-install          never install missing tools, only name them
   --out DIR             results folder (default results/<timestamp>)
@@ -59,6 +62,15 @@ mirror to a shadow answering 200 with a body, to a keep-alive shadow answering
 204 with no body (the closed-loop scenarios), and to a shadow answering after
 --slow-delay-ms (slow_shadow). The report gives CPU µs per request, the extra
 CPU per mirrored request, and the ratios shadowgate/NGINX against the targets.
+
+compare_c16 (wrk, 16 connections, GET /json, a 4 KiB JSON body) measures
+shadow verdicts: shadowgate plain, with a 100% mirror to a shadow answering the
+same JSON without `compare`, the same with `compare` (bodies equal: the byte
+fast path), and with `compare` to a shadow whose JSON differs in one value
+(both bodies parsed and diffed). The report gives the added CPU per compared
+request, (compare - mirror without compare) / compared share, in µs and as a
+ratio of plain shadowgate's CPU per request (target: under 0.25); the
+comparisons are counted from shadowgate_compare_total.
 
 Environment: BENCH_PROXY_CPUS, BENCH_LOAD_CPUS, BENCH_THREADS and OHA (path
 to an oha binary) set the same defaults.
@@ -258,10 +270,13 @@ P_ORIGIN=$PORT_BASE
 P_SHADOW=$((PORT_BASE + 1))
 P_SLOW=$((PORT_BASE + 2))
 P_SHADOW_204=$((PORT_BASE + 3))
+P_SHADOW_DIFF=$((PORT_BASE + 4))
+P_SG_MJ=$((PORT_BASE + 14)); P_SG_CJ=$((PORT_BASE + 15)); P_SG_CJD=$((PORT_BASE + 16))
+P_MET_MJ=$((PORT_BASE + 24)); P_MET_CJ=$((PORT_BASE + 25)); P_MET_CJD=$((PORT_BASE + 26))
 P_SG=$((PORT_BASE + 10)); P_SG_M=$((PORT_BASE + 11)); P_SG_MS=$((PORT_BASE + 12)); P_SG_M204=$((PORT_BASE + 13))
 P_MET=$((PORT_BASE + 20)); P_MET_M=$((PORT_BASE + 21)); P_MET_MS=$((PORT_BASE + 22)); P_MET_M204=$((PORT_BASE + 23))
 P_NG=$((PORT_BASE + 30)); P_NG_M=$((PORT_BASE + 31)); P_NG_MS=$((PORT_BASE + 32)); P_NG_M204=$((PORT_BASE + 33))
-for p in $P_ORIGIN $P_SHADOW $P_SLOW $P_SHADOW_204 $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_MET $P_MET_M $P_MET_MS \
+for p in $P_ORIGIN $P_SHADOW $P_SLOW $P_SHADOW_204 $P_SHADOW_DIFF $P_SG_MJ $P_SG_CJ $P_SG_CJD $P_MET_MJ $P_MET_CJ $P_MET_CJD $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_MET $P_MET_M $P_MET_MS \
     $P_MET_M204 $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
     port_free "$p" || die "127.0.0.1:$p is already in use; pick other ports with --port-base"
 done
@@ -323,19 +338,40 @@ start_sg() { # name port metrics-port shadow-port mirrors-yaml
 
 MIRROR_TIMEOUT_MS=2000
 MIRRORS="[{ upstream: shadow, percentage: 100, methods: [GET, POST], max_body_bytes: 2097152, queue_bytes: 2097152, timeout_ms: $MIRROR_TIMEOUT_MS, max_in_flight: 1024 }]"
+# Shadow verdicts: a 100% mirror of GET, without and with `compare`.
+MIRRORS_JSON="[{ upstream: shadow, percentage: 100, methods: [GET], timeout_ms: $MIRROR_TIMEOUT_MS, max_in_flight: 1024 }]"
+MIRRORS_COMPARE="[{ upstream: shadow, percentage: 100, methods: [GET], timeout_ms: $MIRROR_TIMEOUT_MS, max_in_flight: 1024, compare: { max_body_bytes: 262144 } }]"
+
+# The JSON document of /json (~4 KiB, no ' or $ so that NGINX takes it as a
+# single-quoted string), and the same with one value changed for the "diff" shadow.
+make_json() { # VALUE-OF-ONE-FIELD
+    python3 - "$1" <<'EOF'
+import json, sys
+items = [{"id": i, "sku": f"SKU-{i:05d}", "name": f"bench item number {i}", "price_cents": 1000 + 37 * i,
+          "in_stock": i % 3 != 0, "tags": ["bench", "json", f"t{i % 7}"]} for i in range(32)]
+doc = {"order": {"id": "ord-000123", "status": sys.argv[1], "currency": "EUR", "items": items},
+       "meta": {"generated_by": "shadowgate bench", "version": 1}}
+print(json.dumps(doc, separators=(",", ":")))
+EOF
+}
+JSON_BODY=$(make_json shipped)
+JSON_BODY_DIFF=$(make_json pending)
 
 say "results in $OUT"
 say "proxies on CPUs $PROXY_CPUS with $THREADS thread(s)/worker(s) each; load generator and origins on CPUs $LOAD_CPUS"
 
 # --- origins -------------------------------------------------------------------
 start_nginx origin "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_ORIGIN" \
-    RETURN='200 "hello from the bench origin\n"'
+    RETURN='200 "hello from the bench origin\n"' JSON="$JSON_BODY"
 start_nginx shadow "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_SHADOW" \
-    RETURN='200 "hello from the bench shadow\n"'
+    RETURN='200 "hello from the bench shadow\n"' JSON="$JSON_BODY"
+# The same JSON with one value changed: every comparison parses and diffs both bodies.
+start_nginx shadow-json-diff "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_SHADOW_DIFF" \
+    RETURN='200 "hello from the bench diff shadow\n"' JSON="$JSON_BODY_DIFF"
 # The cheapest shadow there is: keep-alive, 204 with no body. Mirroring to it
 # measures what the mirror itself costs the proxy.
 start_nginx shadow-204 "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_SHADOW_204" \
-    RETURN='204'
+    RETURN='204' JSON="$JSON_BODY"
 mkdir -p "$WORK/slow-shadow"
 "${PIN_LOAD[@]}" python3 "$HERE/slow_shadow.py" --port "$P_SLOW" --delay-ms "$SLOW_DELAY_MS" \
     >"$WORK/slow-shadow/slow-shadow.log" 2>&1 &
@@ -344,6 +380,7 @@ PID_slow_shadow=$!
 wait_http "http://127.0.0.1:$P_ORIGIN/__bench_status" 10
 wait_http "http://127.0.0.1:$P_SHADOW/__bench_status" 10
 wait_http "http://127.0.0.1:$P_SHADOW_204/__bench_status" 10
+wait_http "http://127.0.0.1:$P_SHADOW_DIFF/__bench_status" 10
 wait_http "http://127.0.0.1:$P_SLOW/__bench_status" 10
 
 # --- proxies ---------------------------------------------------------------------
@@ -351,6 +388,9 @@ start_sg sg "$P_SG" "$P_MET" "$P_SHADOW" "[]"
 start_sg sg-mirror "$P_SG_M" "$P_MET_M" "$P_SHADOW" "$MIRRORS"
 start_sg sg-mirror-slow "$P_SG_MS" "$P_MET_MS" "$P_SLOW" "$MIRRORS"
 start_sg sg-mirror-204 "$P_SG_M204" "$P_MET_M204" "$P_SHADOW_204" "$MIRRORS"
+start_sg sg-mirror-json "$P_SG_MJ" "$P_MET_MJ" "$P_SHADOW" "$MIRRORS_JSON"
+start_sg sg-compare-json "$P_SG_CJ" "$P_MET_CJ" "$P_SHADOW" "$MIRRORS_COMPARE"
+start_sg sg-compare-json-diff "$P_SG_CJD" "$P_MET_CJD" "$P_SHADOW_DIFF" "$MIRRORS_COMPARE"
 ng_common=(WORKERS="$THREADS" ORIGIN_PORT="$P_ORIGIN" MIRROR_TIMEOUT_MS="$MIRROR_TIMEOUT_MS")
 start_nginx nginx "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "${ng_common[@]}" PORT="$P_NG" \
     SHADOW_PORT="$P_SHADOW" MIRROR=""
@@ -361,7 +401,7 @@ start_nginx nginx-mirror-slow "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "
 start_nginx nginx-mirror-204 "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "${ng_common[@]}" PORT="$P_NG_M204" \
     SHADOW_PORT="$P_SHADOW_204" MIRROR="mirror /__bench_mirror;"
 
-for p in $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
+for p in $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_SG_MJ $P_SG_CJ $P_SG_CJD $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
     wait_http "http://127.0.0.1:$p/bench" 15
 done
 for pid in "${PIDS[@]}"; do
@@ -374,8 +414,8 @@ ONLY_PY=None
 python3 - "$OUT/manifest.in.json" <<EOF
 import json, sys
 pin_load = $(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "${PIN_LOAD[@]}")
-def t(kind, port, pids, **kw):
-    d = {"kind": kind, "url": f"http://127.0.0.1:{port}/bench", "pids": pids}
+def t(kind, port, pids, path="/bench", **kw):
+    d = {"kind": kind, "url": f"http://127.0.0.1:{port}{path}", "pids": pids}
     d.update(kw)
     return d
 m = {
@@ -397,6 +437,7 @@ m = {
     "shadow": {"status_url": "http://127.0.0.1:$P_SHADOW/__bench_status", "pids": [$PID_shadow]},
     "slow_shadow": {"status_url": "http://127.0.0.1:$P_SLOW/__bench_status", "pids": [$PID_slow_shadow]},
     "shadow_204": {"status_url": "http://127.0.0.1:$P_SHADOW_204/__bench_status", "pids": [$PID_shadow_204]},
+    "shadow_json_diff": {"status_url": "http://127.0.0.1:$P_SHADOW_DIFF/__bench_status", "pids": [$PID_shadow_json_diff]},
   },
   "targets": {
     "direct": t("direct", $P_ORIGIN, []),
@@ -404,6 +445,10 @@ m = {
     "shadowgate_mirror": t("shadowgate", $P_SG_M, [$PID_sg_mirror], threads=$THREADS, shadow="shadow", metrics_url="http://127.0.0.1:$P_MET_M/metrics"),
     "shadowgate_mirror_204": t("shadowgate", $P_SG_M204, [$PID_sg_mirror_204], threads=$THREADS, shadow="shadow_204", metrics_url="http://127.0.0.1:$P_MET_M204/metrics"),
     "shadowgate_mirror_slow": t("shadowgate", $P_SG_MS, [$PID_sg_mirror_slow], threads=$THREADS, shadow="slow_shadow", metrics_url="http://127.0.0.1:$P_MET_MS/metrics"),
+    "shadowgate_json": t("shadowgate", $P_SG, [$PID_sg], path="/json", threads=$THREADS, metrics_url="http://127.0.0.1:$P_MET/metrics"),
+    "shadowgate_mirror_json": t("shadowgate", $P_SG_MJ, [$PID_sg_mirror_json], path="/json", threads=$THREADS, shadow="shadow", metrics_url="http://127.0.0.1:$P_MET_MJ/metrics"),
+    "shadowgate_compare_json": t("shadowgate", $P_SG_CJ, [$PID_sg_compare_json], path="/json", threads=$THREADS, shadow="shadow", metrics_url="http://127.0.0.1:$P_MET_CJ/metrics"),
+    "shadowgate_compare_json_diff": t("shadowgate", $P_SG_CJD, [$PID_sg_compare_json_diff], path="/json", threads=$THREADS, shadow="shadow_json_diff", metrics_url="http://127.0.0.1:$P_MET_CJD/metrics"),
     "nginx": t("nginx", $P_NG, [$PID_nginx], threads=$THREADS),
     "nginx_mirror": t("nginx", $P_NG_M, [$PID_nginx_mirror], threads=$THREADS, shadow="shadow"),
     "nginx_mirror_204": t("nginx", $P_NG_M204, [$PID_nginx_mirror_204], threads=$THREADS, shadow="shadow_204"),

@@ -23,6 +23,10 @@ LABEL = {
     "shadowgate_mirror": "shadowgate + 100% mirror",
     "shadowgate_mirror_204": "shadowgate + mirror to 204 shadow",
     "shadowgate_mirror_slow": "shadowgate + mirror to slow shadow",
+    "shadowgate_json": "shadowgate, 4 KiB JSON",
+    "shadowgate_mirror_json": "shadowgate + mirror, no compare",
+    "shadowgate_compare_json": "shadowgate + mirror + compare (equal)",
+    "shadowgate_compare_json_diff": "shadowgate + mirror + compare (one field differs)",
     "nginx": "NGINX",
     "nginx_mirror": "NGINX + mirror",
     "nginx_mirror_204": "NGINX + mirror to 204 shadow",
@@ -34,6 +38,10 @@ COLOR = {
     "shadowgate_mirror": "#6fa8ff",
     "shadowgate_mirror_204": "#b9d3ff",
     "shadowgate_mirror_slow": "#6fa8ff",
+    "shadowgate_json": "#1f5fbf",
+    "shadowgate_mirror_json": "#6fa8ff",
+    "shadowgate_compare_json": "#b9d3ff",
+    "shadowgate_compare_json_diff": "#dde9ff",
     "nginx": "#2e8b3a",
     "nginx_mirror": "#8fd694",
     "nginx_mirror_204": "#c9edcc",
@@ -45,6 +53,9 @@ PLAIN_OF = {
     "shadowgate_mirror": "shadowgate",
     "shadowgate_mirror_204": "shadowgate",
     "shadowgate_mirror_slow": "shadowgate",
+    "shadowgate_mirror_json": "shadowgate_json",
+    "shadowgate_compare_json": "shadowgate_json",
+    "shadowgate_compare_json_diff": "shadowgate_json",
     "nginx_mirror": "nginx",
     "nginx_mirror_204": "nginx",
     "nginx_mirror_slow": "nginx",
@@ -58,12 +69,20 @@ CPU_TARGETS = [
     ("extra_vs_plain_204", "extra CPU per mirrored request (204 shadow), shadowgate extra / shadowgate plain", 0.5),
 ]
 CPU_TARGET_SCENARIOS = ["get_c1", "get_c16", "get_c64"]
+# Shadow verdicts (issue 8): added CPU per compared request over plain CPU per request.
+COMPARE_SCENARIO = "compare_c16"
+COMPARE_LIMIT = 0.25
+# Each compare target and the mirror without compare it is measured against.
+COMPARE_OF = {"shadowgate_compare_json": "shadowgate_mirror_json",
+              "shadowgate_compare_json_diff": "shadowgate_mirror_json"}
+COMPARE_PLAIN = "shadowgate_json"
 SHORT = {
     "get_c1": "GET, 1 conn",
     "get_c16": "GET, 16 conns",
     "get_c64": "GET, 64 conns",
     "post_1mib": "POST 1 MiB, 16 conns",
     "no_keepalive": "no keep-alive, 16 conns",
+    "compare_c16": "GET 4 KiB JSON, 16 conns",
     "latency": "GET at a fixed rate",
     "slow_shadow": "shadow answers after 500 ms",
 }
@@ -75,6 +94,7 @@ SCEN_LABEL = {
     "slow_shadow": "GET at a fixed rate, shadow answers after 500 ms",
     "post_1mib": "POST 1 MiB, 16 connections",
     "no_keepalive": "GET, 16 connections, new connection per request",
+    "compare_c16": "GET 4 KiB JSON, 16 connections",
 }
 
 
@@ -157,6 +177,13 @@ def aggregate(manifest, runs):
                     c[q] = {"median": median(vals), "min": min(vals) if vals else None,
                             "max": max(vals) if vals else None,
                             "clean_median": median([r["latency_ms"][q] for r in clean])}
+            cmp = {}
+            for r in ok:
+                for k, v in (r.get("sg_compare") or {}).items():
+                    cmp[k] = cmp.get(k, 0) + v
+            if cmp:
+                c["sg_compare"] = cmp
+                c["compared_share"] = median([r["compared_share"] for r in ok if r.get("compared_share") is not None])
             ab = {}
             for r in rs:
                 for k, v in ((r.get("sg_mirror") or {}).get("abandoned") or {}).items():
@@ -352,6 +379,92 @@ def cpu_section(manifest, runs, cells):
               f"{fmt_pair(r.get('extra_vs_plain_body'))} |")
         w("")
     return md, data
+
+
+def added_compare_us(by, target, rep):
+    """Added CPU µs per compared request of one repeat: (compare − mirror without compare) / compared share."""
+    rc, rm = by.get((target, rep)), by.get((COMPARE_OF[target], rep))
+    if not rc or not rm:
+        return None
+    cc, cm, share = us_key(rc), us_key(rm), rc.get("compared_share")
+    if cc is None or cm is None or not share:
+        return None
+    return (cc - cm) / share
+
+
+def compare_section(manifest, runs, cells):
+    """What shadow verdicts cost: per target CPU/request, comparisons counted, and the added CPU per
+    compared request against plain shadowgate's CPU per request; with its data and target verdict."""
+    md, targets = [], []
+    w = md.append
+    sc = next((s for s in manifest["scenarios"] if s["id"] == COMPARE_SCENARIO), None)
+    if not sc:
+        return md, {}, targets
+    sid = sc["id"]
+    by = runs_by_repeat(runs, sid)
+    reps = sorted({rep for (_, rep) in by})
+    w("## Shadow verdicts: compare on vs off")
+    w("")
+    w(f"{SCEN_LABEL[sid]} (wrk, closed loop): the primary and the shadow answer the same ~4 KiB JSON document "
+      "(bodies equal: the byte-compare fast path), or the shadow changes one value (both bodies parsed and diffed). "
+      "Comparisons are counted from `shadowgate_compare_total` before and after each run. **added CPU per compared "
+      "request** = (CPU/request with compare − CPU/request of the mirror without compare) / compared share, paired "
+      "by repeat; **÷ plain** divides it by plain shadowgate's CPU/request on the same path in the same repeat.")
+    w("")
+    w("| target | CPU µs/request [min–max] | mirrored | compared | equal / different / skipped | "
+      "added CPU µs per compared request | ÷ plain shadowgate CPU/request |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    data = {"cells": {}, "added": {}}
+    for t in sc["targets"]:
+        c = cells[(sid, t)]
+        us = spread([us_key(r) for (tt, _), r in by.items() if tt == t and us_key(r) is not None])
+        added = ratio = None
+        if t in COMPARE_OF:
+            xs, rs = [], []
+            for rep in reps:
+                x = added_compare_us(by, t, rep)
+                plain = by.get((COMPARE_PLAIN, rep))
+                if x is None:
+                    continue
+                xs.append(x)
+                if plain and us_key(plain):
+                    rs.append(x / us_key(plain))
+            added, ratio = spread(xs), spread(rs)
+            data["added"][t] = {"added_cpu_us_per_compared_req": added, "ratio_to_plain": ratio}
+        data["cells"][t] = {"cpu_us_per_req": us, "compare": c.get("sg_compare"), "compared_share": c.get("compared_share")}
+        rng = f"{fmt_us(us['median'])} [{fmt_us(us['min'])}–{fmt_us(us['max'])}]" if us and us["n"] > 1 else (fmt_us(us["median"]) if us else "–")
+        mirrored = f"{c['mirrored_share']:.0%}" if c.get("mirrored_share") is not None else "–"
+        compared = f"{c['compared_share']:.0%}" if c.get("compared_share") is not None else "–"
+        cmp = c.get("sg_compare")
+        counts = f"{cmp.get('equal', 0):,} / {cmp.get('different', 0):,} / {cmp.get('skipped', 0):,}" if cmp else "–"
+
+        def fx(p, f):
+            if p is None:
+                return "–"
+            return f(p["median"]) + (f" [{f(p['min'])} – {f(p['max'])}]" if p["n"] > 1 else "")
+        w(f"| {LABEL[t]} | {rng} | {mirrored} | {compared} | {counts} | {fx(added, lambda v: f'{v:+.1f}')} | "
+          f"{fx(ratio, lambda v: f'{v:.2f}')} |")
+    w("")
+    eq = data["added"].get("shadowgate_compare_json", {}).get("ratio_to_plain")
+    df = data["added"].get("shadowgate_compare_json_diff", {}).get("ratio_to_plain")
+    if eq:
+        met = eq["median"] < COMPARE_LIMIT
+        every = eq["max"] < COMPARE_LIMIT
+        verdict = ("**met**" + (", every repeat" if every and eq["n"] > 1 else "")) if met else "**missed**"
+        diff_txt = (f"; one field differing (parse and diff): {df['median']:.2f}"
+                    + (f" ({df['min']:.2f}–{df['max']:.2f})" if df["n"] > 1 else "")
+                    + (" — also under" if df["median"] < COMPARE_LIMIT else " — over") + " the limit, for information") if df else ""
+        w(f"Target (issue 8): added CPU per compared request < {COMPARE_LIMIT} × plain shadowgate's CPU per request, "
+          f"4 KiB JSON, bodies equal: {verdict} — {eq['median']:.2f}"
+          + (f" ({eq['min']:.2f}–{eq['max']:.2f}, {eq['n']} repeats)" if eq["n"] > 1 else "") + diff_txt + ".")
+        targets.append({"target": f"added compare CPU / plain CPU < {COMPARE_LIMIT}", "met": met, "ratio": eq,
+                        "diff_ratio": df})
+    else:
+        w(f"Target (issue 8): added CPU per compared request < {COMPARE_LIMIT} × plain CPU per request: **not measured** "
+          "(no repeat with both the compare and the no-compare mirror run valid and comparisons counted).")
+        targets.append({"target": f"added compare CPU / plain CPU < {COMPARE_LIMIT}", "met": None})
+    w("")
+    return md, data, targets
 
 
 def cpu_targets(data):
@@ -564,8 +677,12 @@ def build(out, elapsed, build_s=None):
     cpu_md, cpu_data = cpu_section(manifest, runs, cells)
     md.extend(cpu_md)
 
+    # --- shadow verdicts
+    cmp_md, cmp_data, cmp_targets = compare_section(manifest, runs, cells)
+    md.extend(cmp_md)
+
     # --- targets
-    targets_out = []
+    targets_out = list(cmp_targets)
     w("## Targets")
     w("")
     cpu_t_md, cpu_t_out = cpu_targets(cpu_data)
@@ -671,6 +788,16 @@ def build(out, elapsed, build_s=None):
                          "connections per 1,000 mirrored requests: shadow connections are not kept alive"
                          + (" (NGINX's mirror closes its shadow connection after a response with a body; "
                             "with the 204 shadow it keeps it)" if c["target"].startswith("nginx_mirror") else ""))
+        if c["target"] in COMPARE_OF and c["ok_runs"]:
+            share = c.get("compared_share")
+            if share is None or share < 0.98:
+                notes.append(f"{c['scenario']} / {c['target']}: only {share or 0:.0%} of the requests got a verdict "
+                             f"(counts {c.get('sg_compare')})")
+            want = "different" if c["target"].endswith("_diff") else "equal"
+            other = "equal" if want == "different" else "different"
+            if (c.get("sg_compare") or {}).get(other):
+                notes.append(f"{c['scenario']} / {c['target']}: {c['sg_compare'][other]} verdicts came out {other}, "
+                             f"expected all {want}")
         if c["target"] in PLAIN_OF and c["ok_runs"] and c.get("mirrored_share") is None:
             notes.append(f"{c['scenario']} / {c['target']}: the shadow's request count could not be read, "
                          "so neither delivery nor the extra CPU per mirrored request is known")
@@ -715,6 +842,7 @@ def build(out, elapsed, build_s=None):
         "cells": [c for c in cells.values()],
         "comparisons": comp,
         "cpu": cpu_data,
+        "compare": cmp_data,
         "resources": resources,
         "targets": targets_out,
         "runs": runs,

@@ -31,6 +31,10 @@ LATENCY = ["direct", "shadowgate", "shadowgate_mirror", "nginx", "nginx_mirror"]
 MAIN = ["direct", "shadowgate", "shadowgate_mirror", "shadowgate_mirror_204",
         "nginx", "nginx_mirror", "nginx_mirror_204"]
 SLOW = ["shadowgate", "shadowgate_mirror_slow", "nginx", "nginx_mirror_slow"]
+# Shadow verdicts on a 4 KiB JSON body: plain, 100% mirror without compare, with
+# compare (bodies equal), with compare against a shadow whose JSON differs.
+COMPARE = ["shadowgate_json", "shadowgate_mirror_json", "shadowgate_compare_json",
+           "shadowgate_compare_json_diff"]
 
 
 def log(msg):
@@ -141,8 +145,9 @@ def count_diff(before, after, key):
 
 
 def sg_mirror_counters(url):
-    """shadowgate's mirror counters, summed over routes and mirrors."""
-    out = {"sampled": 0, "completed": 0, "abandoned": {}}
+    """shadowgate's mirror and comparison counters, summed over routes and mirrors."""
+    out = {"sampled": 0, "completed": 0, "abandoned": {},
+           "compare": {"equal": 0, "different": 0, "skipped": 0}}
     try:
         text = http_get(url)
     except Exception:
@@ -162,6 +167,9 @@ def sg_mirror_counters(url):
         elif name.startswith("shadowgate_mirror_abandoned_total"):
             reason = name.split('reason="', 1)[1].split('"', 1)[0] if 'reason="' in name else "?"
             out["abandoned"][reason] = out["abandoned"].get(reason, 0) + v
+        elif name.startswith("shadowgate_compare_total{"):
+            outcome = name.split('outcome="', 1)[1].split('"', 1)[0] if 'outcome="' in name else "?"
+            out["compare"][outcome] = out["compare"].get(outcome, 0) + v
     return out
 
 
@@ -173,8 +181,9 @@ def diff_counters(a, b):
         d = b["abandoned"].get(k, 0) - a["abandoned"].get(k, 0)
         if d:
             ab[k] = d
+    compare = {k: b["compare"].get(k, 0) - a["compare"].get(k, 0) for k in b["compare"]}
     return {"sampled": b["sampled"] - a["sampled"], "completed": b["completed"] - a["completed"],
-            "abandoned": ab}
+            "abandoned": ab, "compare": compare}
 
 
 # --- load generators -------------------------------------------------------
@@ -383,6 +392,12 @@ def measure(m, scenario, name, repeat, state, warmup=False):
         rec["rss_hwm_kb"] = status_kb(pids[0], "VmHWM")
     if sg0 is not None and sg1 is not None:
         rec["sg_mirror"] = diff_counters(sg0, sg1)
+    cmp = (rec.get("sg_mirror") or {}).get("compare") or {}
+    if any(cmp.values()):
+        rec["sg_compare"] = cmp
+        if res.get("requests"):
+            # Verdicts reached (equal or different) per request the client completed.
+            rec["compared_share"] = round((cmp.get("equal", 0) + cmp.get("different", 0)) / res["requests"], 4)
     if shadow and res.get("requests") and rec["shadow_requests"] is not None:
         rec["mirrored_share"] = round(rec["shadow_requests"] / res["requests"], 4)
     rec["noisy"] = rec["foreign_cpu_share"] > P["noisy_share"]
@@ -399,6 +414,7 @@ def scenarios(P):
          "targets": SLOW, "drain_s": P["slow_delay_ms"] / 1000.0 + 0.3},
         {"id": "post_1mib", "kind": "closed", "conns": P["post_conns"], "body": P["post_bytes"], "targets": MAIN},
         {"id": "no_keepalive", "kind": "closed", "conns": 16, "close": True, "targets": MAIN},
+        {"id": "compare_c16", "kind": "closed", "conns": 16, "targets": COMPARE},
     ]
     for sc in s:
         sc["duration"] = P["closed_s"] if sc["kind"] == "closed" else P["rate_s"]
@@ -483,6 +499,10 @@ def main():
                         extra += f" {rec['cpu_us_per_req']:7.1f} µs CPU/req"
                     if rec.get("mirrored_share") is not None:
                         extra += f" mirrored {rec['mirrored_share']:.0%}"
+                    if rec.get("sg_compare"):
+                        c = rec["sg_compare"]
+                        extra += (f" compared {rec.get('compared_share', 0):.0%} (equal {c.get('equal', 0)},"
+                                  f" different {c.get('different', 0)}, skipped {c.get('skipped', 0)})")
                     flags = []
                     if not rec["ok"]:
                         flags.append(f"ERRORS {rec.get('failure')}")
