@@ -687,6 +687,12 @@ def build(out, elapsed, build_s=None):
     w("")
     cpu_t_md, cpu_t_out = cpu_targets(cpu_data)
     md.extend(cpu_t_md)
+    for t in cmp_targets:
+        r = t.get("ratio")
+        v = "**not measured**" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        w(f"- shadow verdicts (compare_c16, 4 KiB JSON, bodies equal): added CPU per compared request "
+          f"< {COMPARE_LIMIT} × plain CPU per request: {v}" + (f" — {r['median']:.2f}" if r else "") + ".")
+        w("")
     targets_out.extend(cpu_t_out)
 
     def verdict(ok):
