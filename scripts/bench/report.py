@@ -867,6 +867,8 @@ def esc(s):
 
 
 def chart(manifest, cells, runs, closed, rate_scen):
+    # The shadow-verdict scenario has no origin-served baseline: it has its own table.
+    closed = [sid for sid in closed if sid != COMPARE_SCENARIO]
     W = 1100
     parts = []
     y0 = 0
