@@ -2,7 +2,7 @@
 # Load-test shadowgate side by side with the origin itself and with NGINX
 # (plain reverse proxy, and with ngx_http_mirror_module), in one run.
 #
-#   scripts/bench.sh            full run: 3 repeats, about 14-16 minutes
+#   scripts/bench.sh            full run: 3 repeats, about 15-17 minutes
 #   scripts/bench.sh --quick    smoke run: 1 short repeat, about 1-2 minutes
 #   scripts/bench.sh --help     all options
 #
