@@ -738,28 +738,14 @@ fn run_config(compare: &str, test: bool) -> (bool, String) {
     );
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, config).expect("write");
-    let mut child = std::process::Command::new(common::proxy::binary())
+    let mut command = std::process::Command::new(common::proxy::binary());
+    command
         .args(if test { &["-t"][..] } else { &[] })
         .arg("-c")
         .arg(&path)
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn shadowgate");
-    // A refused config exits at once; one that starts a server is a failure, not a wait.
-    let deadline = std::time::Instant::now() + WAIT;
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("shadowgate did not exit on config {compare}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let out = child.wait_with_output().expect("output");
+        .env("XDG_RUNTIME_DIR", dir.path());
+    // A refused config exits at once; one that starts a server fails the test at the deadline.
+    let out = common::proxy::finish(command, || false);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).trim().to_string(),
