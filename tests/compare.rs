@@ -46,6 +46,7 @@ struct FleetSpec {
     mirror: String,
 }
 
+/// A fleet where every side answers `item`, with no control and no compare options.
 fn fleet() -> FleetSpec {
     FleetSpec {
         primary: OriginOptions::named("primary").reply(same_json()),
@@ -68,11 +69,13 @@ impl FleetSpec {
         self
     }
 
+    /// The candidate answers only after `delay`.
     fn candidate_delay(mut self, delay: Duration) -> Self {
         self.candidate = self.candidate.response_delay(delay);
         self
     }
 
+    /// Add a control (pool `ctrl`) answering with `reply`.
     fn control(mut self, reply: impl Fn(u64, &str) -> Reply + Send + Sync + 'static) -> Self {
         self.control = Some(OriginOptions::named("control").reply(reply));
         self
