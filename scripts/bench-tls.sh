@@ -18,8 +18,9 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE="$REPO/scripts/bench"
 
-say() { printf 'bench-tls: %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
+SG_NAME=bench-tls
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 
 usage() {
     cat <<'EOF'
@@ -53,30 +54,27 @@ while [ $# -gt 0 ]; do
         --binary) SG=$2; shift ;;
         --out) OUT=$2; shift ;;
         -h|--help) usage; exit 0 ;;
-        *) usage >&2; die "unknown option $1" ;;
+        *) usage >&2; sg_die "unknown option $1" ;;
     esac
     shift
 done
 if [ "$QUICK" = 1 ]; then : "${REPEATS:=1}" "${DURATION:=1}"; else : "${REPEATS:=3}" "${DURATION:=4}"; fi
 for v in REPEATS DURATION THREADS PORT_BASE; do
-    [[ ${!v} =~ ^[0-9]+$ ]] && [ "${!v}" -gt 0 ] || die "--${v,,} must be a positive whole number"
+    [[ ${!v} =~ ^[0-9]+$ ]] && [ "${!v}" -gt 0 ] || sg_die "--${v,,} must be a positive whole number"
 done
 
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY
-missing=()
-for tool in nginx:nginx wrk:wrk h2load:nghttp2-client openssl:openssl taskset:util-linux python3:python3; do
-    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
-done
-[ ${#missing[@]} -eq 0 ] || die "missing tools; install (Debian/Ubuntu): apt-get install ${missing[*]}"
+missing=$(sg_missing_packages nginx:nginx wrk:wrk h2load:nghttp2-client openssl:openssl taskset:util-linux python3:python3)
+[ -z "$missing" ] || sg_die "missing tools; install (Debian/Ubuntu): apt-get install ${missing//$'\n'/ }"
 if [ "$(nproc)" -lt 2 ]; then PIN=0; fi
 if [ "$PIN" = 1 ]; then PIN_PROXY=(taskset -c "$PROXY_CPUS"); PIN_LOAD=(taskset -c "$LOAD_CPUS"); else PIN_PROXY=(); PIN_LOAD=(); fi
 
 if [ -z "$SG" ]; then
-    say "building the release binary"
-    (cd "$REPO" && cargo build --release --bin shadowgate >&2) || die "cargo build --release failed"
+    sg_say "building the release binary"
+    (cd "$REPO" && cargo build --release --bin shadowgate >&2) || sg_die "cargo build --release failed"
     SG="$REPO/target/release/shadowgate"
 fi
-[ -x "$SG" ] || die "$SG is not an executable"
+[ -x "$SG" ] || sg_die "$SG is not an executable"
 
 [ -n "$OUT" ] || OUT="$REPO/results/tls-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
@@ -102,13 +100,13 @@ trap 'exit 130' INT TERM
 
 P_ORIGIN=$PORT_BASE P_SG=$((PORT_BASE + 1)) P_NG=$((PORT_BASE + 2))
 for p in $P_ORIGIN $P_SG $P_NG; do
-    ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || die "127.0.0.1:$p is in use; pick --port-base"
+    ! sg_listening "127.0.0.1:$p" || sg_die "127.0.0.1:$p is in use; pick --port-base"
 done
 
 # --- the shared certificate ---------------------------------------------------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
-    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>"$WORK/openssl.log" || die "openssl failed: $(cat "$WORK/openssl.log")"
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>"$WORK/openssl.log" || sg_die "openssl failed: $(cat "$WORK/openssl.log")"
 
 # --- origin, shadowgate, NGINX ------------------------------------------------
 mkdir -p "$WORK/origin"
@@ -136,7 +134,7 @@ upstreams:
 routes:
   - { name: bench, upstream: primary }
 EOF
-"$SG" -t -c "$WORK/sg/shadowgate.yaml" >"$WORK/sg/check.log" 2>&1 || die "shadowgate rejects its config: $(cat "$WORK/sg/check.log")"
+"$SG" -t -c "$WORK/sg/shadowgate.yaml" >"$WORK/sg/check.log" 2>&1 || sg_die "shadowgate rejects its config: $(cat "$WORK/sg/check.log")"
 RUST_LOG=warn "${PIN_PROXY[@]}" "$SG" -c "$WORK/sg/shadowgate.yaml" >"$WORK/sg/shadowgate.log" 2>&1 &
 PIDS+=($!); PID_SG=$!
 
@@ -174,14 +172,14 @@ http {
 }
 EOF
 nginx -t -q -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" 2>"$WORK/nginx/check.log" \
-    || die "nginx rejects its config: $(cat "$WORK/nginx/check.log")"
+    || sg_die "nginx rejects its config: $(cat "$WORK/nginx/check.log")"
 "${PIN_PROXY[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
     >"$WORK/nginx/stdout.log" 2>&1 &
 PIDS+=($!); PID_NG=$!
 
 for url in "http://127.0.0.1:$P_ORIGIN/" "https://127.0.0.1:$P_SG/" "https://127.0.0.1:$P_NG/"; do
     for _ in $(seq 100); do curl -sfk -o /dev/null --max-time 1 "$url" && continue 2; sleep 0.1; done
-    die "$url did not answer within 10 s; logs in $OUT/logs"
+    sg_die "$url did not answer within 10 s; logs in $OUT/logs"
 done
 
 # --- runs -------------------------------------------------------------------------
@@ -239,13 +237,13 @@ for rep in $(seq "$REPEATS"); do
             cpu=$(python3 -c "print(round(($c1 - $c0) / $TICK, 3))")
             rps=$(python3 -c "print(round($requests / $seconds))")
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$sc" "$t" "$requests" "$seconds" "$rps" "$cpu" "$errors" >> "$OUT/runs.tsv"
-            say "rep $rep $sc $t: $rps req/s, proxy CPU ${cpu}s, errors $errors"
+            sg_say "rep $rep $sc $t: $rps req/s, proxy CPU ${cpu}s, errors $errors"
             sleep 0.3
         done
     done
 done
-kill -0 "$PID_SG" 2>/dev/null || say "warning: shadowgate died during the run"
-kill -0 "$PID_ORIGIN" 2>/dev/null || say "warning: the origin died during the run"
+kill -0 "$PID_SG" 2>/dev/null || sg_say "warning: shadowgate died during the run"
+kill -0 "$PID_ORIGIN" 2>/dev/null || sg_say "warning: the origin died during the run"
 
 python3 - "$OUT" "$REPEATS" "$DURATION" "$THREADS" "$PROXY_CPUS" "$LOAD_CPUS" "$PIN" <<'EOF'
 import csv, statistics, sys
@@ -271,4 +269,4 @@ for sc in ("h1_keepalive", "h1_new_conn", "h2_keepalive"):
 open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
-say "results: $OUT/results.md  $OUT/runs.tsv"
+sg_say "results: $OUT/results.md  $OUT/runs.tsv"

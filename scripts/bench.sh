@@ -25,8 +25,9 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE="$REPO/scripts/bench"
 
-say() { printf 'bench: %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
+SG_NAME=bench
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 
 usage() {
     cat <<'EOF'
@@ -115,7 +116,7 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0 ;;
         --out) OUT=$2; shift ;;
         -h|--help) usage; exit 0 ;;
-        *) usage >&2; die "unknown option $1" ;;
+        *) usage >&2; sg_die "unknown option $1" ;;
     esac
     shift
 done
@@ -125,7 +126,7 @@ else
     : "${REPEATS:=3}" "${CLOSED_S:=4}" "${RATE_S:=8}" "${SETTLE_MAX:=120}"
 fi
 for v in REPEATS CLOSED_S RATE_S RATE SLOW_RATE SLOW_DELAY_MS PORT_BASE SETTLE_MAX; do
-    [[ ${!v} =~ ^[0-9]+$ ]] && [ "${!v}" -gt 0 -o "$v" = SETTLE_MAX ] || die "--${v,,} must be a positive whole number (got '${!v}')"
+    [[ ${!v} =~ ^[0-9]+$ ]] && [ "${!v}" -gt 0 -o "$v" = SETTLE_MAX ] || sg_die "--${v,,} must be a positive whole number (got '${!v}')"
 done
 
 # Traffic stays on loopback: no proxy from the environment may catch it.
@@ -136,48 +137,31 @@ STARTED=$(date +%s)
 BUILD_S=0
 
 # --- tools --------------------------------------------------------------------
-[ -f "$HOME/.cargo/env" ] && ! command -v cargo >/dev/null 2>&1 && . "$HOME/.cargo/env"
+sg_load_cargo_env
 OHA="${OHA:-}"
 if [ -z "$OHA" ]; then
     OHA=$(command -v oha 2>/dev/null || true)
     [ -z "$OHA" ] && [ -x "$HOME/.cargo/bin/oha" ] && OHA="$HOME/.cargo/bin/oha"
 fi
 
-missing_pkgs=()
-command -v nginx >/dev/null 2>&1 || missing_pkgs+=(nginx)
-command -v wrk >/dev/null 2>&1 || missing_pkgs+=(wrk)
-command -v taskset >/dev/null 2>&1 || missing_pkgs+=(util-linux)
-command -v python3 >/dev/null 2>&1 || missing_pkgs+=(python3)
-if [ "$BUILD" = 1 ]; then
-    command -v cmake >/dev/null 2>&1 || missing_pkgs+=(cmake)
-    command -v cc >/dev/null 2>&1 || missing_pkgs+=(build-essential)
-fi
-if [ ${#missing_pkgs[@]} -gt 0 ]; then
-    SUDO=""
-    [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
-    if [ "$INSTALL" = 1 ] && command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
-        say "installing missing packages: ${missing_pkgs[*]}"
-        $SUDO apt-get update -qq >&2 || true
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing_pkgs[@]}" >&2 \
-            || die "apt-get could not install: ${missing_pkgs[*]}; install them and run again"
-    else
-        die "missing tools; install these packages (Debian/Ubuntu names): ${missing_pkgs[*]}"
-    fi
-fi
+tools=(nginx:nginx wrk:wrk taskset:util-linux python3:python3)
+if [ "$BUILD" = 1 ]; then tools+=(cmake:cmake cc:build-essential); fi
+SG_NO_INSTALL=$((1 - INSTALL)) sg_ensure_tools "${tools[@]}" \
+    || sg_die "missing tools (named above); install them and run again"
 if [ -z "$OHA" ]; then
-    command -v cargo >/dev/null 2>&1 || die "oha is missing and cargo is not installed to build it; install Rust (rustup) or put oha on PATH (or set OHA=/path/to/oha)"
+    command -v cargo >/dev/null 2>&1 || sg_die "oha is missing and cargo is not installed to build it; install Rust (rustup) or put oha on PATH (or set OHA=/path/to/oha)"
     if [ "$INSTALL" = 1 ]; then
-        say "installing oha with 'cargo install oha --locked' (a one-off, several minutes)"
-        cargo install oha --locked >&2 || die "cargo install oha failed; install oha yourself and set OHA=/path/to/oha"
+        sg_say "installing oha with 'cargo install oha --locked' (a one-off, several minutes)"
+        cargo install oha --locked >&2 || sg_die "cargo install oha failed; install oha yourself and set OHA=/path/to/oha"
         OHA="$HOME/.cargo/bin/oha"
     else
-        die "oha is missing; install it with 'cargo install oha --locked'"
+        sg_die "oha is missing; install it with 'cargo install oha --locked'"
     fi
 fi
 "$OHA" --help 2>/dev/null | grep -q -- '--latency-correction' \
-    || die "$OHA has no --latency-correction option; install a newer oha (cargo install oha --locked)"
+    || sg_die "$OHA has no --latency-correction option; install a newer oha (cargo install oha --locked)"
 "$OHA" --help 2>/dev/null | grep -q -- '--output-format' \
-    || die "$OHA has no --output-format option; install oha 1.5 or newer (cargo install oha --locked)"
+    || sg_die "$OHA has no --output-format option; install oha 1.5 or newer (cargo install oha --locked)"
 NGINX=$(command -v nginx)
 WRK=$(command -v wrk)
 
@@ -191,12 +175,12 @@ for part in sys.argv[1].split(","):
 print(n)' "$1"
 }
 if [ "$NCPU" -lt 2 ] && [ "$PIN" = 1 ]; then
-    say "warning: only $NCPU CPU: not pinning; proxy and load generator share the CPU"
+    sg_say "warning: only $NCPU CPU: not pinning; proxy and load generator share the CPU"
     PIN=0
 fi
 if [ "$PIN" = 1 ]; then
-    taskset -c "$PROXY_CPUS" true 2>/dev/null || die "--proxy-cpus $PROXY_CPUS is not a valid CPU list here ($NCPU CPUs)"
-    taskset -c "$LOAD_CPUS" true 2>/dev/null || die "--load-cpus $LOAD_CPUS is not a valid CPU list here ($NCPU CPUs)"
+    taskset -c "$PROXY_CPUS" true 2>/dev/null || sg_die "--proxy-cpus $PROXY_CPUS is not a valid CPU list here ($NCPU CPUs)"
+    taskset -c "$LOAD_CPUS" true 2>/dev/null || sg_die "--load-cpus $LOAD_CPUS is not a valid CPU list here ($NCPU CPUs)"
     PIN_PROXY=(taskset -c "$PROXY_CPUS")
     PIN_LOAD=(taskset -c "$LOAD_CPUS")
     PROXY_CPU_COUNT=$(cpu_count "$PROXY_CPUS")
@@ -213,13 +197,13 @@ fi
 # --- build --------------------------------------------------------------------
 SG="$REPO/target/release/shadowgate"
 if [ "$BUILD" = 1 ]; then
-    command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust with rustup (https://rustup.rs) or pass --no-build with a built target/release/shadowgate"
-    say "building the release binary (cargo build --release)"
+    command -v cargo >/dev/null 2>&1 || sg_die "cargo not found; install Rust with rustup (https://rustup.rs) or pass --no-build with a built target/release/shadowgate"
+    sg_say "building the release binary (cargo build --release)"
     BUILD_T0=$(date +%s)
-    (cd "$REPO" && cargo build --release --bin shadowgate >&2) || die "cargo build --release failed"
+    (cd "$REPO" && cargo build --release --bin shadowgate >&2) || sg_die "cargo build --release failed"
     BUILD_S=$(( $(date +%s) - BUILD_T0 ))
 fi
-[ -x "$SG" ] || die "$SG not found; run without --no-build"
+[ -x "$SG" ] || sg_die "$SG not found; run without --no-build"
 
 # --- results and work folders -------------------------------------------------
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -262,9 +246,7 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-trap 'say "interrupted"; exit 130' INT TERM
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+trap 'sg_say "interrupted"; exit 130' INT TERM
 
 P_ORIGIN=$PORT_BASE
 P_SHADOW=$((PORT_BASE + 1))
@@ -278,7 +260,7 @@ P_MET=$((PORT_BASE + 20)); P_MET_M=$((PORT_BASE + 21)); P_MET_MS=$((PORT_BASE + 
 P_NG=$((PORT_BASE + 30)); P_NG_M=$((PORT_BASE + 31)); P_NG_MS=$((PORT_BASE + 32)); P_NG_M204=$((PORT_BASE + 33))
 for p in $P_ORIGIN $P_SHADOW $P_SLOW $P_SHADOW_204 $P_SHADOW_DIFF $P_SG_MJ $P_SG_CJ $P_SG_CJD $P_MET_MJ $P_MET_CJ $P_MET_CJD $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_MET $P_MET_M $P_MET_MS \
     $P_MET_M204 $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
-    port_free "$p" || die "127.0.0.1:$p is already in use; pick other ports with --port-base"
+    ! sg_listening "127.0.0.1:$p" || sg_die "127.0.0.1:$p is already in use; pick other ports with --port-base"
 done
 
 render() { # template output KEY=VALUE...
@@ -290,7 +272,7 @@ render() { # template output KEY=VALUE...
         args+=(-e "s#@${k}@#${v}#g")
     done
     sed "${args[@]}" "$tpl" > "$out"
-    if grep -q '@[A-Z_]*@' "$out"; then die "unfilled placeholder in $out: $(grep -o '@[A-Z_]*@' "$out" | head -1)"; fi
+    if grep -q '@[A-Z_]*@' "$out"; then sg_die "unfilled placeholder in $out: $(grep -o '@[A-Z_]*@' "$out" | head -1)"; fi
 }
 
 wait_http() { # url seconds: until it answers 200
@@ -303,7 +285,7 @@ sys.exit(0 if o.open(sys.argv[1], timeout=1).status == 200 else 1)
 EOF
         sleep 0.2
     done
-    die "$url did not answer 200 within ${limit}s"
+    sg_die "$url did not answer 200 within ${limit}s"
 }
 
 start_nginx() { # name conf-template pin... -- KEY=VALUE...
@@ -315,7 +297,7 @@ start_nginx() { # name conf-template pin... -- KEY=VALUE...
     mkdir -p "$dir"
     render "$tpl" "$dir/nginx.conf" PREFIX="$dir" "$@"
     "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>"$dir/check.log" \
-        || die "nginx rejects $dir/nginx.conf: $(cat "$dir/check.log")"
+        || sg_die "nginx rejects $dir/nginx.conf: $(cat "$dir/check.log")"
     "${pin[@]}" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
     PIDS+=($!)
     eval "PID_${name//-/_}=$!"
@@ -329,7 +311,7 @@ start_sg() { # name port metrics-port shadow-port mirrors-yaml
     render "$HERE/shadowgate.yaml.in" "$dir/shadowgate.yaml" THREADS="$THREADS" RUNDIR="$dir/run" \
         PORT="$port" METRICS_PORT="$mport" ORIGIN_PORT="$P_ORIGIN" SHADOW_PORT="$sport" MIRRORS="$mirrors"
     RUST_LOG=warn "$SG" -t -c "$dir/shadowgate.yaml" >"$dir/check.log" 2>&1 \
-        || die "shadowgate rejects $dir/shadowgate.yaml: $(cat "$dir/check.log")"
+        || sg_die "shadowgate rejects $dir/shadowgate.yaml: $(cat "$dir/check.log")"
     RUST_LOG=warn "${PIN_PROXY[@]}" "$SG" -c "$dir/shadowgate.yaml" >"$dir/shadowgate.log" 2>&1 &
     PIDS+=($!)
     SG_PIDS+=($!)
@@ -357,8 +339,8 @@ EOF
 JSON_BODY=$(make_json shipped)
 JSON_BODY_DIFF=$(make_json pending)
 
-say "results in $OUT"
-say "proxies on CPUs $PROXY_CPUS with $THREADS thread(s)/worker(s) each; load generator and origins on CPUs $LOAD_CPUS"
+sg_say "results in $OUT"
+sg_say "proxies on CPUs $PROXY_CPUS with $THREADS thread(s)/worker(s) each; load generator and origins on CPUs $LOAD_CPUS"
 
 # --- origins -------------------------------------------------------------------
 start_nginx origin "$HERE/origin.conf.in" "${PIN_LOAD[@]}" -- WORKERS=1 PORT="$P_ORIGIN" \
@@ -405,7 +387,7 @@ for p in $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_SG_MJ $P_SG_CJ $P_SG_CJD $P_NG $P_
     wait_http "http://127.0.0.1:$p/bench" 15
 done
 for pid in "${PIDS[@]}"; do
-    kill -0 "$pid" 2>/dev/null || die "process $pid exited early; see the logs in $OUT/logs"
+    kill -0 "$pid" 2>/dev/null || sg_die "process $pid exited early; see the logs in $OUT/logs"
 done
 
 # --- manifest for the runner ------------------------------------------------------
@@ -482,11 +464,11 @@ run_child python3 "$HERE/runner.py" --wait-idle "$OUT/manifest.in.json"
 run_child python3 "$HERE/runner.py" "$OUT/manifest.in.json"
 { echo "== uptime (after)"; uptime; } >>"$OUT/machine-before.txt" 2>&1
 for pid in "${PIDS[@]}"; do
-    kill -0 "$pid" 2>/dev/null || say "warning: process $pid died during the run; see $OUT/logs"
+    kill -0 "$pid" 2>/dev/null || sg_say "warning: process $pid died during the run; see $OUT/logs"
 done
 
 # --- report -----------------------------------------------------------------------------
 ELAPSED=$(( $(date +%s) - STARTED ))
 python3 "$HERE/report.py" "$OUT" --elapsed "$ELAPSED" --build "$BUILD_S"
-say "results: $OUT/results.md  $OUT/results.json  $OUT/chart.svg"
-say "took ${ELAPSED}s in all, of which ${BUILD_S}s building"
+sg_say "results: $OUT/results.md  $OUT/results.json  $OUT/chart.svg"
+sg_say "took ${ELAPSED}s in all, of which ${BUILD_S}s building"

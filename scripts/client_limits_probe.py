@@ -104,6 +104,14 @@ def rss_kib(pid):
     return 0
 
 
+async def kept_alive(port):
+    """A connection to the proxy on `port` that has had one answer and stays open."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await r.readuntil(b"ok")
+    return r, w
+
+
 async def idle(binary, n, read_buffer):
     o = free_port()
     origin = start_origin(o)
@@ -114,17 +122,11 @@ async def idle(binary, n, read_buffer):
         # Warm up the threads and pools with a few requests first.
         conns = []
         for _ in range(20):
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            await r.readuntil(b"ok")
-            conns.append((r, w))
+            conns.append(await kept_alive(port))
         await asyncio.sleep(1)
         before = rss_kib(proxy.pid)
         for _ in range(n):
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            await r.readuntil(b"ok")
-            conns.append((r, w))
+            conns.append(await kept_alive(port))
         await asyncio.sleep(2)
         after = rss_kib(proxy.pid)
         per = (after - before) * 1024 / n

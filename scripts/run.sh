@@ -13,11 +13,8 @@ sg_ensure_prerequisites
 cargo build --release --bin shadowgate --example demo_origin
 target/release/shadowgate -t -c "$CONFIG"
 
-# True when something accepts TCP connections on HOST:PORT.
-listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
-
 for addr in $PROXY $METRICS 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003 127.0.0.1:9004; do
-    if listening "$addr"; then
+    if sg_listening "$addr"; then
         sg_say "$addr is already in use (another shadowgate or demo origin running?); stop it first"
         exit 1
     fi
@@ -43,10 +40,10 @@ origins+=($!)
 
 for addr in 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003 127.0.0.1:9004; do
     for _ in $(seq 100); do
-        listening "$addr" && break
+        sg_listening "$addr" && break
         sleep 0.05
     done
-    listening "$addr" || { sg_say "demo origin on $addr did not start"; exit 1; }
+    sg_listening "$addr" || { sg_say "demo origin on $addr did not start"; exit 1; }
 done
 
 cat <<TIPS

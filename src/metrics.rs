@@ -4,8 +4,8 @@
 use std::sync::{Arc, OnceLock};
 
 use pingora_prometheus::prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    self, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, core::Collector,
 };
 
 use crate::mirror::AbandonReason;
@@ -17,6 +17,17 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Label value for requests that matched no route.
 pub const NO_ROUTE: &str = "no_route";
+
+/// `metric`, registered in `registry`. Definitions are constants, so building cannot fail;
+/// registration only fails on a duplicate name, which the callers' `OnceLock`s rule out.
+pub(crate) fn registered<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("metric definition is valid");
+    let _ = registry.register(Box::new(metric.clone()));
+    metric
+}
 
 /// The process's metric families, registered once in the default Prometheus registry.
 pub struct Metrics {
@@ -55,39 +66,29 @@ impl Metrics {
 
     fn register(registry: &Registry) -> Metrics {
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("metric definition is valid");
-            // Registration only fails on a duplicate name, which `global` rules out.
-            let _ = registry.register(Box::new(c.clone()));
-            c
+            registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                labels,
-            )
-            .expect("metric definition is valid");
-            let _ = registry.register(Box::new(h.clone()));
-            h
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            registered(registry, HistogramVec::new(opts, labels))
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels)
-                .expect("metric definition is valid");
-            let _ = registry.register(Box::new(g.clone()));
-            g
+            registered(registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
-        let queued = IntGauge::new(
-            "shadowgate_mirror_queued_bytes",
-            "Shadow body bytes queued in the process now, bounded by mirror_budget_bytes",
-        )
-        .expect("metric definition is valid");
-        let _ = registry.register(Box::new(queued.clone()));
-        let access_log_dropped = IntCounter::new(
-            "shadowgate_access_log_dropped_total",
-            "Access log lines dropped because the queue to the writer was full",
-        )
-        .expect("metric definition is valid");
-        let _ = registry.register(Box::new(access_log_dropped.clone()));
+        let queued = registered(
+            registry,
+            IntGauge::new(
+                "shadowgate_mirror_queued_bytes",
+                "Shadow body bytes queued in the process now, bounded by mirror_budget_bytes",
+            ),
+        );
+        let access_log_dropped = registered(
+            registry,
+            IntCounter::new(
+                "shadowgate_access_log_dropped_total",
+                "Access log lines dropped because the queue to the writer was full",
+            ),
+        );
 
         Metrics {
             requests_total: counter(

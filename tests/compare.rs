@@ -28,8 +28,7 @@ fn indent(text: &str, by: usize) -> String {
         .collect::<String>()
 }
 
-/// A primary, a candidate mirrored at 100% with `compare` (plus `compare_extra`
-/// lines) and, if given, a control.
+/// A primary, a candidate mirrored at 100% with `compare` and, if set, a control.
 struct Fleet {
     proxy: Proxy,
     primary: Origin,
@@ -37,41 +36,99 @@ struct Fleet {
     control: Option<Origin>,
 }
 
-async fn fleet(
+/// What a test changes about a fleet: every side answers `item` unless told otherwise.
+struct FleetSpec {
     primary: OriginOptions,
     candidate: OriginOptions,
     control: Option<OriginOptions>,
-    compare_extra: &str,
-    top_extra: &str,
-    mirror_extra: &str,
-) -> Fleet {
-    let primary = Origin::start(primary).await;
-    let candidate = Origin::start(candidate).await;
-    let control = match control {
-        Some(options) => Some(Origin::start(options).await),
-        None => None,
-    };
-    let mut pools = pool("app", &[primary.addr], "") + &pool("cand", &[candidate.addr], "");
-    let mut compare = String::new();
-    if let Some(control) = &control {
-        pools += &pool("ctrl", &[control.addr], "");
-        compare += "control: ctrl\n";
+    compare: String,
+    top: String,
+    mirror: String,
+}
+
+/// A fleet where every side answers `item`, with no control and no compare options.
+fn fleet() -> FleetSpec {
+    FleetSpec {
+        primary: OriginOptions::named("primary").reply(same_json()),
+        candidate: OriginOptions::named("candidate").reply(same_json()),
+        control: None,
+        compare: String::new(),
+        top: String::new(),
+        mirror: String::new(),
     }
-    compare += compare_extra;
-    if compare.trim().is_empty() {
-        compare = "{}".into();
+}
+
+impl FleetSpec {
+    fn primary(mut self, reply: impl Fn(u64, &str) -> Reply + Send + Sync + 'static) -> Self {
+        self.primary = self.primary.reply(reply);
+        self
     }
-    let yaml = format!(
-        "{top_extra}upstreams:\n{pools}routes:\n  - name: api\n    upstream: app\n    mirrors:\n      - upstream: cand\n        percentage: 100\n{}        compare:\n{}",
-        indent(mirror_extra, 8),
-        indent(&compare, 10)
-    );
-    let proxy = Proxy::start(&yaml).await;
-    Fleet {
-        proxy,
-        primary,
-        candidate,
-        control,
+
+    fn candidate(mut self, reply: impl Fn(u64, &str) -> Reply + Send + Sync + 'static) -> Self {
+        self.candidate = self.candidate.reply(reply);
+        self
+    }
+
+    /// The candidate answers only after `delay`.
+    fn candidate_delay(mut self, delay: Duration) -> Self {
+        self.candidate = self.candidate.response_delay(delay);
+        self
+    }
+
+    /// Add a control (pool `ctrl`) answering with `reply`.
+    fn control(mut self, reply: impl Fn(u64, &str) -> Reply + Send + Sync + 'static) -> Self {
+        self.control = Some(OriginOptions::named("control").reply(reply));
+        self
+    }
+
+    /// Lines added under the mirror's `compare:`.
+    fn compare(mut self, yaml: &str) -> Self {
+        self.compare = yaml.to_string();
+        self
+    }
+
+    /// Top-level config lines (before `upstreams:`).
+    fn top(mut self, yaml: &str) -> Self {
+        self.top = yaml.to_string();
+        self
+    }
+
+    /// Lines added to the mirror itself.
+    fn mirror(mut self, yaml: &str) -> Self {
+        self.mirror = yaml.to_string();
+        self
+    }
+
+    async fn start(self) -> Fleet {
+        let primary = Origin::start(self.primary).await;
+        let candidate = Origin::start(self.candidate).await;
+        let control = match self.control {
+            Some(options) => Some(Origin::start(options).await),
+            None => None,
+        };
+        let mut pools = pool("app", &[primary.addr], "") + &pool("cand", &[candidate.addr], "");
+        let mut compare = String::new();
+        if let Some(control) = &control {
+            pools += &pool("ctrl", &[control.addr], "");
+            compare += "control: ctrl\n";
+        }
+        compare += &self.compare;
+        if compare.trim().is_empty() {
+            compare = "{}".into();
+        }
+        let yaml = format!(
+            "{}upstreams:\n{pools}routes:\n  - name: api\n    upstream: app\n    mirrors:\n      - upstream: cand\n        percentage: 100\n{}        compare:\n{}",
+            self.top,
+            indent(&self.mirror, 8),
+            indent(&compare, 10)
+        );
+        let proxy = Proxy::start(&yaml).await;
+        Fleet {
+            proxy,
+            primary,
+            candidate,
+            control,
+        }
     }
 }
 
@@ -107,6 +164,14 @@ async fn wait_compared(proxy: &Proxy, n: usize) {
             WAIT * 3,
         )
         .await;
+}
+
+/// `n` GETs of `/items/{i}`, `concurrency` at a time, all answered 200 by the primary;
+/// returns once `n` comparisons have an outcome.
+async fn compare_items(proxy: &Proxy, n: usize, concurrency: usize) {
+    let statuses = load(proxy, n, concurrency, |i| format!("/items/{i}")).await;
+    assert_eq!(statuses, vec![200; n]);
+    wait_compared(proxy, n).await;
 }
 
 async fn outcome(proxy: &Proxy, mirror: &str, outcome: &str) -> f64 {
@@ -169,18 +234,8 @@ fn field(report: &Value, mirror: &str, path: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_origins_flag_nothing_over_two_thousand_requests() {
-    let f = fleet(
-        OriginOptions::named("primary").reply(same_json()),
-        OriginOptions::named("candidate").reply(same_json()),
-        Some(OriginOptions::named("control").reply(same_json())),
-        "",
-        "",
-        "",
-    )
-    .await;
-    let statuses = load(&f.proxy, 2000, 16, |i| format!("/items/{i}")).await;
-    assert!(statuses.iter().all(|s| *s == 200));
-    wait_compared(&f.proxy, 2000).await;
+    let f = fleet().control(same_json()).start().await;
+    compare_items(&f.proxy, 2000, 16).await;
     assert_eq!(outcome(&f.proxy, "cand", "equal").await, 2000.0);
     assert_eq!(outcome(&f.proxy, "cand", "different").await, 0.0);
     assert_eq!(outcome(&f.proxy, "cand", "skipped").await, 0.0);
@@ -232,18 +287,12 @@ async fn a_field_changed_on_five_percent_is_flagged_with_its_exact_count() {
         }
         Reply::json(&body)
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(same_json()),
-        OriginOptions::named("candidate").reply(candidate),
-        Some(OriginOptions::named("control").reply(same_json())),
-        "",
-        "",
-        "",
-    )
-    .await;
-    let statuses = load(&f.proxy, 2000, 16, |i| format!("/items/{i}")).await;
-    assert!(statuses.iter().all(|s| *s == 200));
-    wait_compared(&f.proxy, 2000).await;
+    let f = fleet()
+        .candidate(candidate)
+        .control(same_json())
+        .start()
+        .await;
+    compare_items(&f.proxy, 2000, 16).await;
     assert_eq!(outcome(&f.proxy, "cand", "different").await, 100.0);
     assert_eq!(outcome(&f.proxy, "cand", "equal").await, 1900.0);
     let report = compare_report(f.proxy.metrics_addr).await;
@@ -275,17 +324,14 @@ async fn a_timestamp_that_differs_with_the_control_too_is_noise() {
             Reply::json(&body)
         }
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(stamped("p")),
-        OriginOptions::named("candidate").reply(stamped("c")),
-        Some(OriginOptions::named("control").reply(stamped("k"))),
-        "min_samples: 50\n",
-        "",
-        "",
-    )
-    .await;
-    load(&f.proxy, 300, 16, |i| format!("/items/{i}")).await;
-    wait_compared(&f.proxy, 300).await;
+    let f = fleet()
+        .primary(stamped("p"))
+        .candidate(stamped("c"))
+        .control(stamped("k"))
+        .compare("min_samples: 50\n")
+        .start()
+        .await;
+    compare_items(&f.proxy, 300, 16).await;
     let report = compare_report(f.proxy.metrics_addr).await;
     let stamp = field(&report, "cand", "$.generated_at");
     assert_eq!(stamp["candidate_diffs"], 300);
@@ -304,17 +350,14 @@ async fn a_header_only_difference_is_reported_on_that_header() {
                 .header("x-served-by", "node-1")
         }
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(tagged("\"v1\"")),
-        OriginOptions::named("candidate").reply(tagged("\"v2\"")),
-        Some(OriginOptions::named("control").reply(tagged("\"v1\""))),
-        "min_samples: 20\nignore_headers: [x-served-by]\n",
-        "",
-        "",
-    )
-    .await;
-    load(&f.proxy, 60, 8, |i| format!("/items/{i}")).await;
-    wait_compared(&f.proxy, 60).await;
+    let f = fleet()
+        .primary(tagged("\"v1\""))
+        .candidate(tagged("\"v2\""))
+        .control(tagged("\"v1\""))
+        .compare("min_samples: 20\nignore_headers: [x-served-by]\n")
+        .start()
+        .await;
+    compare_items(&f.proxy, 60, 8).await;
     let report = compare_report(f.proxy.metrics_addr).await;
     assert_eq!(flagged_paths(&report, "cand"), vec!["header:etag"]);
     assert_eq!(field(&report, "cand", "header:etag")["candidate_diffs"], 60);
@@ -331,15 +374,11 @@ async fn a_status_difference_is_flagged_and_the_primary_status_is_unchanged() {
             reply
         }
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(same_json()),
-        OriginOptions::named("candidate").reply(candidate),
-        None,
-        "min_samples: 10\n",
-        "",
-        "",
-    )
-    .await;
+    let f = fleet()
+        .candidate(candidate)
+        .compare("min_samples: 10\n")
+        .start()
+        .await;
     let statuses = load(&f.proxy, 60, 8, |i| {
         if i.is_multiple_of(3) {
             format!("/fail/{i}")
@@ -389,15 +428,12 @@ async fn bodies_over_the_cap_compare_by_length_and_hash() {
             }
         }
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(text(false)),
-        OriginOptions::named("candidate").reply(text(true)),
-        None,
-        "max_body_bytes: 1024\nmin_samples: 10\n",
-        "",
-        "",
-    )
-    .await;
+    let f = fleet()
+        .primary(text(false))
+        .candidate(text(true))
+        .compare("max_body_bytes: 1024\nmin_samples: 10\n")
+        .start()
+        .await;
     load(&f.proxy, 40, 8, |i| format!("/blob/{i}")).await;
     wait_compared(&f.proxy, 40).await;
     let report = compare_report(f.proxy.metrics_addr).await;
@@ -439,17 +475,13 @@ async fn gzip_bodies_are_decoded_and_compared_field_by_field() {
             }
         }
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(gzipped(1, false)),
-        OriginOptions::named("candidate").reply(gzipped(9, true)),
-        None,
-        "min_samples: 10\n",
-        "",
-        "",
-    )
-    .await;
-    load(&f.proxy, 40, 8, |i| format!("/items/{i}")).await;
-    wait_compared(&f.proxy, 40).await;
+    let f = fleet()
+        .primary(gzipped(1, false))
+        .candidate(gzipped(9, true))
+        .compare("min_samples: 10\n")
+        .start()
+        .await;
+    compare_items(&f.proxy, 40, 8).await;
     let report = compare_report(f.proxy.metrics_addr).await;
     // Different compression, same document: only the changed field differs.
     assert_eq!(field(&report, "cand", "$.price")["candidate_diffs"], 10);
@@ -469,18 +501,15 @@ async fn an_exhausted_budget_degrades_to_hash_only_and_says_so() {
         body["notes"] = json!("x".repeat(8192));
         Reply::json(&body)
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(big),
-        OriginOptions::named("candidate").reply(big),
-        None,
-        "",
-        "mirror_budget_bytes: 4096\n",
-        "queue_bytes: 1024\n",
-    )
-    .await;
+    let f = fleet()
+        .primary(big)
+        .candidate(big)
+        .top("mirror_budget_bytes: 4096\n")
+        .mirror("queue_bytes: 1024\n")
+        .start()
+        .await;
     // Each side's 8 KiB body alone is more than the whole budget.
-    load(&f.proxy, 20, 4, |i| format!("/items/{i}")).await;
-    wait_compared(&f.proxy, 20).await;
+    compare_items(&f.proxy, 20, 4).await;
     assert_eq!(outcome(&f.proxy, "cand", "equal").await, 20.0);
     assert_eq!(
         f.proxy
@@ -508,18 +537,15 @@ async fn the_diff_log_redacts_secrets_and_carries_the_request_id() {
     };
     let logs = private_dir();
     let log_path = logs.path().join("diffs.jsonl");
-    let f = fleet(
-        OriginOptions::named("primary").reply(secretive("sid=PRIMARY-SECRET", "tok-PRIMARY")),
-        OriginOptions::named("candidate").reply(secretive("sid=CAND-SECRET", "tok-CAND")),
-        None,
-        &format!(
+    let f = fleet()
+        .primary(secretive("sid=PRIMARY-SECRET", "tok-PRIMARY"))
+        .candidate(secretive("sid=CAND-SECRET", "tok-CAND"))
+        .compare(&format!(
             "diff_log: {}\ndiff_log_per_second: 1000\n",
             log_path.display()
-        ),
-        "",
-        "",
-    )
-    .await;
+        ))
+        .start()
+        .await;
     let client = common::client();
     for i in 0..5 {
         let response = client
@@ -657,23 +683,18 @@ async fn shadows_that_are_down_slow_or_garbage_are_counted_skips() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_report_page_and_metrics_share_the_metrics_listener() {
-    let f = fleet(
-        OriginOptions::named("primary").reply(same_json()),
-        OriginOptions::named("candidate").reply(|i, uri| {
+    let f = fleet()
+        .candidate(|i, uri| {
             let mut body = item(uri);
             if i.is_multiple_of(2) {
                 body["price"] = json!("10");
             }
             Reply::json(&body)
-        }),
-        None,
-        "min_samples: 5\n",
-        "",
-        "",
-    )
-    .await;
-    load(&f.proxy, 10, 2, |i| format!("/items/{i}")).await;
-    wait_compared(&f.proxy, 10).await;
+        })
+        .compare("min_samples: 5\n")
+        .start()
+        .await;
+    compare_items(&f.proxy, 10, 2).await;
     let page = reqwest::get(format!("http://{}/compare.html", f.proxy.metrics_addr))
         .await
         .expect("GET /compare.html");
@@ -720,28 +741,14 @@ fn run_config(compare: &str, test: bool) -> (bool, String) {
     );
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, config).expect("write");
-    let mut child = std::process::Command::new(common::proxy::binary())
+    let mut command = std::process::Command::new(common::proxy::binary());
+    command
         .args(if test { &["-t"][..] } else { &[] })
         .arg("-c")
         .arg(&path)
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn shadowgate");
-    // A refused config exits at once; one that starts a server is a failure, not a wait.
-    let deadline = std::time::Instant::now() + WAIT;
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("shadowgate did not exit on config {compare}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let out = child.wait_with_output().expect("output");
+        .env("XDG_RUNTIME_DIR", dir.path());
+    // A refused config exits at once; one that starts a server fails the test at the deadline.
+    let out = common::proxy::finish(command, || false);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -853,18 +860,14 @@ async fn a_fixed_regression_stops_being_flagged() {
         }
         Reply::json(&body)
     };
-    let f = fleet(
-        OriginOptions::named("primary").reply(same_json()),
-        OriginOptions::named("candidate").reply(candidate),
-        Some(OriginOptions::named("control").reply(same_json())),
-        "min_samples: 20\nwindow: 100\n",
-        "",
-        "",
-    )
-    .await;
+    let f = fleet()
+        .candidate(candidate)
+        .control(same_json())
+        .compare("min_samples: 20\nwindow: 100\n")
+        .start()
+        .await;
     let flagged = "shadowgate_compare_flagged_fields";
-    load(&f.proxy, 100, 8, |i| format!("/items/{i}")).await;
-    wait_compared(&f.proxy, 100).await;
+    compare_items(&f.proxy, 100, 8).await;
     assert_eq!(f.proxy.metric(flagged, &[("mirror", "cand")]).await, 1.0);
     load(&f.proxy, 100, 8, |i| format!("/items/{i}")).await;
     wait_compared(&f.proxy, 200).await;
@@ -878,17 +881,11 @@ async fn a_fixed_regression_stops_being_flagged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_candidate_delays_the_verdict_never_the_primary() {
-    let f = fleet(
-        OriginOptions::named("primary").reply(same_json()),
-        OriginOptions::named("candidate")
-            .reply(same_json())
-            .response_delay(Duration::from_millis(1500)),
-        None,
-        "",
-        "",
-        "timeout_ms: 10000\n",
-    )
-    .await;
+    let f = fleet()
+        .candidate_delay(Duration::from_millis(1500))
+        .mirror("timeout_ms: 10000\n")
+        .start()
+        .await;
     let client = common::client();
     let started = std::time::Instant::now();
     for i in 0..4 {

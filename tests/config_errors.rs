@@ -7,10 +7,10 @@ mod common;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::proxy::{binary, free_port, private_dir};
+use common::proxy::{binary, finish, free_port, private_dir};
 
 /// A valid configuration; every broken variant below changes exactly one thing in it.
 /// `RUNTIME` stands for the test's private directory.
@@ -205,42 +205,19 @@ fn run_binary(
     runtime_dir: &Path,
     listener: Option<SocketAddr>,
 ) -> Checked {
-    let mut child = Command::new(binary())
+    let mut command = Command::new(binary());
+    command
         .args(args)
         .arg("-c")
         .arg(config)
-        .env("XDG_RUNTIME_DIR", runtime_dir)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shadowgate");
-    // A config check is instant; a hang is a bug, not something to wait out.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if child.try_wait().expect("wait for shadowgate").is_some() {
-            break;
-        }
-        if let Some(addr) = listener
-            && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
-        {
-            // It started: stop it and report what it said so far.
-            let _ = child.kill();
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "shadowgate {args:?} -c {} did not finish within 20 s",
-                config.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // The process has exited (or been killed) and its output is small: reading the pipes cannot block.
-    let output = child.wait_with_output().expect("read shadowgate output");
+        .env("XDG_RUNTIME_DIR", runtime_dir);
+    // Accepting on the listener means it started: `finish` stops it and returns what it said so far.
+    let started = || {
+        listener.is_some_and(|addr| {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+        })
+    };
+    let output = finish(command, started);
     Checked {
         success: output.status.success(),
         code: output.status.code(),

@@ -88,16 +88,41 @@ fn assert_answered(out: &Curl, version: &str) {
     );
 }
 
+/// Origins `primary` and `shadow` behind a proxy (with `listener_extra` lines) that mirrors
+/// every GET and POST under /api to the shadow.
+async fn mirroring_posts(listener_extra: &str) -> (Origin, Origin, Proxy) {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start_with_listener(
+        listener_extra,
+        &sections(primary.addr, shadow.addr, MIRROR_POSTS),
+    )
+    .await;
+    (primary, shadow, proxy)
+}
+
+/// A TLS listener with the `site` certificate (plus `listener_extra` lines) in front of
+/// one origin, `primary`, which is also the mirror's shadow.
+async fn tls_to_primary(listener_extra: &str) -> (Certs, Origin, Proxy) {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let proxy = Proxy::start_with_listener(
+        &certs.listener(&[&certs.site], listener_extra),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+    (certs, primary, proxy)
+}
+
 /// Wait until `addr` accepts connections (a second listener may bind a moment after the first).
 async fn wait_port(addr: SocketAddr) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{addr} never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, Duration::from_millis(20), || async move {
+        match TcpStream::connect(addr).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("{addr} never listened: {e}")),
+        }
+    })
+    .await
 }
 
 // ---------------------------------------------------------------- TLS and ALPN
@@ -201,13 +226,7 @@ async fn sni_picks_the_certificate_and_falls_back_to_the_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_false_offers_only_http1() {
-    let certs = Certs::new();
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let proxy = Proxy::start_with_listener(
-        &certs.listener(&[&certs.site], "      h2: false"),
-        &sections(primary.addr, primary.addr, ""),
-    )
-    .await;
+    let (certs, _primary, proxy) = tls_to_primary("      h2: false").await;
     let out = curl_tls(&certs, &proxy, "site.test", "/api/", &["--http2"]).await;
     assert_answered(&out, "1.1");
 }
@@ -391,13 +410,7 @@ async fn h2_post(addr: SocketAddr, path: &str, body: &[u8], content_length: bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirrored_http2_upload_reaches_the_shadow_byte_for_byte() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start_with_listener(
-        "    h2c: true",
-        &sections(primary.addr, shadow.addr, MIRROR_POSTS),
-    )
-    .await;
+    let (primary, shadow, proxy) = mirroring_posts("    h2c: true").await;
     let big = body_of(300_000);
     let cases: [(&str, &[u8], bool); 4] = [
         ("/api/with-length", &big, true),
@@ -440,13 +453,7 @@ async fn a_mirrored_http2_upload_reaches_the_shadow_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_rst_stream_mid_body_closes_the_shadow_instead_of_finishing_it() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start_with_listener(
-        "    h2c: true",
-        &sections(primary.addr, shadow.addr, MIRROR_POSTS),
-    )
-    .await;
+    let (primary, shadow, proxy) = mirroring_posts("    h2c: true").await;
     let mut client = h2_connection(proxy.addr).await;
     let request = http::Request::builder()
         .method("POST")
@@ -458,31 +465,11 @@ async fn a_client_rst_stream_mid_body_closes_the_shadow_instead_of_finishing_it(
     stream
         .send_data(Bytes::from(body_of(200_000)), false)
         .unwrap();
-    proxy
-        .wait_for_metric(
-            "shadowgate_mirror_bytes_total",
-            &[("route", "api")],
-            |v| v > 0.0,
-            WAIT,
-        )
-        .await;
+    wait_mirrored_bytes(&proxy).await;
     stream.send_reset(h2::Reason::CANCEL);
-    proxy
-        .wait_for_metric(
-            "shadowgate_mirror_abandoned_total",
-            &[("route", "api"), ("reason", "primary_aborted")],
-            |v| v == 1.0,
-            WAIT,
-        )
-        .await;
-    proxy
-        .wait_for_metric(
-            "shadowgate_mirror_in_flight",
-            &[("route", "api")],
-            |v| v == 0.0,
-            WAIT,
-        )
-        .await;
+    wait_abandoned(&proxy, "primary_aborted", 1.0).await;
+    assert_eq!(abandoned(&proxy, "primary_aborted").await, 1.0);
+    wait_idle(&proxy).await;
     assert_eq!(
         shadow.count(),
         0,
@@ -503,13 +490,7 @@ async fn a_client_rst_stream_mid_body_closes_the_shadow_instead_of_finishing_it(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_of_a_tls_request_says_https_like_its_primary() {
     let certs = Certs::new();
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start_with_listener(
-        &certs.listener(&[&certs.site], ""),
-        &sections(primary.addr, shadow.addr, MIRROR_POSTS),
-    )
-    .await;
+    let (primary, shadow, proxy) = mirroring_posts(&certs.listener(&[&certs.site], "")).await;
     let out = curl_tls(&certs, &proxy, "site.test", "/api/tls", &["--http1.1"]).await;
     assert_answered(&out, "1.1");
     let p = &primary.wait_for(1, WAIT).await[0];
@@ -523,9 +504,7 @@ async fn a_shadow_of_a_tls_request_says_https_like_its_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_kept_or_made_and_reach_the_primary_the_shadow_and_the_log() {
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&sections(primary.addr, shadow.addr, MIRROR_POSTS)).await;
+    let (primary, shadow, proxy) = mirroring_posts("").await;
     let client = client();
     let too_long = "x".repeat(129);
     let cases: [(&str, Option<&str>); 4] = [
@@ -697,25 +676,8 @@ async fn access_log_lines_carry_every_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_says_a_shadow_was_abandoned_when_the_client_aborts() {
-    use tokio::io::AsyncWriteExt;
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start(&sections(primary.addr, shadow.addr, MIRROR_POSTS)).await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"POST /api/partial HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
-        .await
-        .unwrap();
-    stream.write_all(&body_of(200_000)).await.unwrap();
-    proxy
-        .wait_for_metric(
-            "shadowgate_mirror_bytes_total",
-            &[("route", "api")],
-            |v| v > 0.0,
-            WAIT,
-        )
-        .await;
-    drop(stream);
+    let (_primary, _shadow, proxy) = mirroring_posts("").await;
+    abandon_mirrored_upload(&proxy, "/api/partial").await;
     let line = &wait_for_json_lines(&access_log(&proxy), 1).await[0];
     assert_eq!(line["status"], 499, "{line}");
     assert_eq!(line["bytes_in"], 200_000, "{line}");
@@ -916,30 +878,20 @@ impl Drop for Reaped {
 }
 
 async fn wait_for_line(path: &Path, needle: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, Duration::from_millis(20), || async move {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         if text.contains(needle) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("no {needle:?} in {}:\n{text}", path.display()))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {needle:?} in {}:\n{text}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_is_served_after_check_and_upgrade() {
-    let certs = Certs::new();
-    let primary = Origin::start(OriginOptions::named("primary")).await;
-    let proxy = Proxy::start_with_listener(
-        &certs.listener(&[&certs.site], ""),
-        &sections(primary.addr, primary.addr, ""),
-    )
-    .await;
+    let (certs, _primary, proxy) = tls_to_primary("").await;
     let seen = curl_tls(&certs, &proxy, "site.test", "/api/", &["-v"]).await;
     assert_eq!(presented_cn(&seen.stderr).as_deref(), Some("site.test"));
 
@@ -957,11 +909,13 @@ async fn a_renewed_certificate_is_served_after_check_and_upgrade() {
     let new_log = proxy.dir().join("new.log");
     let _new = Reaped(common::proxy::spawn(&proxy.config_path, &new_log, &["-u"]));
     let upgrade_sock = proxy.dir().join("upgrade.sock");
-    let deadline = std::time::Instant::now() + WAIT;
-    while !upgrade_sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "no upgrade socket");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(WAIT, Duration::from_millis(10), || {
+        std::future::ready(match upgrade_sock.exists() {
+            true => Ok(()),
+            false => Err("no upgrade socket".to_string()),
+        })
+    })
+    .await;
     let quit = std::process::Command::new("kill")
         .args(["-QUIT", &proxy.child.id().to_string()])
         .status()
@@ -969,19 +923,20 @@ async fn a_renewed_certificate_is_served_after_check_and_upgrade() {
     assert!(quit.success());
     wait_for_line(&new_log, "Bootstrap done").await;
     // The old process may accept a few more connections before it lets go; then only the new one does.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = curl_tls(&certs, &proxy, "site.test", "/api/", &["-v"]).await;
-        assert_answered(&seen, "2");
-        if presented_cn(&seen.stderr).as_deref() == Some("renewed.test") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still the old certificate: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (certs, proxy) = (&certs, &proxy);
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async move {
+            let seen = curl_tls(certs, proxy, "site.test", "/api/", &["-v"]).await;
+            assert_answered(&seen, "2");
+            match presented_cn(&seen.stderr).as_deref() {
+                Some("renewed.test") => Ok(()),
+                _ => Err(format!("still the old certificate: {seen:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,26 +50,6 @@ fn indent(text: &str, by: usize) -> String {
         .join("\n")
 }
 
-async fn abandoned(proxy: &Proxy, reason: &str) -> f64 {
-    proxy
-        .metric(
-            "shadowgate_mirror_abandoned_total",
-            &[("route", "api"), ("reason", reason)],
-        )
-        .await
-}
-
-async fn wait_abandoned(proxy: &Proxy, reason: &str, n: f64) {
-    proxy
-        .wait_for_metric(
-            "shadowgate_mirror_abandoned_total",
-            &[("route", "api"), ("reason", reason)],
-            |v| v >= n,
-            WAIT,
-        )
-        .await;
-}
-
 async fn wait_completed(proxy: &Proxy, n: f64) {
     proxy
         .wait_for_metric(
@@ -82,17 +62,6 @@ async fn wait_completed(proxy: &Proxy, n: f64) {
 }
 
 /// Wait until no shadow request of route `api` is under way.
-async fn wait_idle(proxy: &Proxy) {
-    proxy
-        .wait_for_metric(
-            "shadowgate_mirror_in_flight",
-            &[("route", "api")],
-            |v| v == 0.0,
-            WAIT,
-        )
-        .await;
-}
-
 async fn post(client: &reqwest::Client, url: &str, body: reqwest::Body) -> reqwest::Response {
     client.post(url).body(body).send().await.expect("post")
 }
@@ -854,22 +823,8 @@ async fn bodies_over_max_body_bytes_are_never_sent_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_aborts_its_upload_aborts_the_shadow_too() {
     let (proxy, _primary, shadow) = mirror_setup("percentage: 100\nmethods: [POST]").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"POST /partial HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
-        .await
-        .unwrap();
-    stream.write_all(&body_of(200_000)).await.unwrap();
     // Wait until the bytes have reached the shadow, then give up on the upload.
-    proxy
-        .wait_for_metric(
-            "shadowgate_mirror_bytes_total",
-            &[("route", "api")],
-            |v| v > 0.0,
-            WAIT,
-        )
-        .await;
-    drop(stream);
+    abandon_mirrored_upload(&proxy, "/partial").await;
     wait_abandoned(&proxy, "primary_aborted", 1.0).await;
     wait_idle(&proxy).await;
     assert_eq!(

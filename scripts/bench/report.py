@@ -198,13 +198,7 @@ def paired(runs, scenario, a, b, key, clean=False):
     """Ratios a/b of runs of the same repeat, both without errors (and, if
     clean, both without interference from other processes)."""
     out = []
-    by = {}
-    for r in runs:
-        if r["warmup"] or r["scenario"] != scenario or not r["ok"]:
-            continue
-        if clean and r.get("noisy"):
-            continue
-        by[(r["target"], r["repeat"])] = r
+    by = runs_by_repeat(runs, scenario, clean)
     reps = sorted({rep for (_, rep) in by})
     for rep in reps:
         ra, rb = by.get((a, rep)), by.get((b, rep))

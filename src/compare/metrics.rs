@@ -10,6 +10,7 @@ use pingora_prometheus::prometheus::{
 
 use super::diff::BodyNote;
 use super::skip::SkipReason;
+use crate::metrics::registered;
 
 /// Signed latency differences (side minus primary), in seconds.
 const DELTA_BUCKETS: &[f64] = &[
@@ -34,30 +35,29 @@ fn families() -> &'static Families {
     FAMILIES.get_or_init(|| {
         let registry = default_registry();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("metric definition is valid");
-            let _ = registry.register(Box::new(c.clone()));
-            c
+            registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
-        let flagged = IntGaugeVec::new(
-            Opts::new(
-                "shadowgate_compare_flagged_fields",
-                "Fields whose candidate diff rate exceeds the noise floor now",
+        let flagged = registered(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "shadowgate_compare_flagged_fields",
+                    "Fields whose candidate diff rate exceeds the noise floor now",
+                ),
+                &["route", "mirror"],
             ),
-            &["route", "mirror"],
-        )
-        .expect("metric definition is valid");
-        let _ = registry.register(Box::new(flagged.clone()));
-        let latency_delta = HistogramVec::new(
-            HistogramOpts::new(
-                "shadowgate_compare_latency_delta_seconds",
-                "Response time of the candidate (or control) minus the primary's",
-            )
-            .buckets(DELTA_BUCKETS.to_vec()),
-            &["route", "mirror", "side"],
-        )
-        .expect("metric definition is valid");
-        let _ = registry.register(Box::new(latency_delta.clone()));
+        );
+        let latency_delta = registered(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "shadowgate_compare_latency_delta_seconds",
+                    "Response time of the candidate (or control) minus the primary's",
+                )
+                .buckets(DELTA_BUCKETS.to_vec()),
+                &["route", "mirror", "side"],
+            ),
+        );
         Families {
             total: counter(
                 "shadowgate_compare_total",

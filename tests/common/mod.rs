@@ -101,6 +101,86 @@ pub async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Du
     Some(started.elapsed())
 }
 
+/// Poll `check` every `every` until it returns `Ok`; past `timeout` the test fails with
+/// the last `Err`, which says what was awaited and what was seen instead.
+pub async fn eventually<T, Fut>(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Fut,
+) -> T
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(why) => assert!(std::time::Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A client that gives up on its upload: a 1 MB POST to `path` of which 200 KB are sent,
+/// held until bytes of it have reached the shadow of route `api`, then the connection dropped.
+pub async fn abandon_mirrored_upload(proxy: &Proxy, path: &str) {
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let head = format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream
+        .write_all(&body_of(200_000))
+        .await
+        .expect("write body");
+    wait_mirrored_bytes(proxy).await;
+    drop(stream);
+}
+
+/// Wait until some bytes of route `api` have been sent to a shadow.
+pub async fn wait_mirrored_bytes(proxy: &Proxy) {
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_bytes_total",
+            &[("route", "api")],
+            |v| v > 0.0,
+            WAIT,
+        )
+        .await;
+}
+
+/// Shadows of route `api` abandoned for `reason`.
+pub async fn abandoned(proxy: &Proxy, reason: &str) -> f64 {
+    proxy
+        .metric(
+            "shadowgate_mirror_abandoned_total",
+            &[("route", "api"), ("reason", reason)],
+        )
+        .await
+}
+
+/// Wait until at least `n` shadows of route `api` were abandoned for `reason`.
+pub async fn wait_abandoned(proxy: &Proxy, reason: &str, n: f64) {
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_abandoned_total",
+            &[("route", "api"), ("reason", reason)],
+            |v| v >= n,
+            WAIT,
+        )
+        .await;
+}
+
+/// Wait until no shadow of route `api` is in flight.
+pub async fn wait_idle(proxy: &Proxy) {
+    proxy
+        .wait_for_metric(
+            "shadowgate_mirror_in_flight",
+            &[("route", "api")],
+            |v| v == 0.0,
+            WAIT,
+        )
+        .await;
+}
+
 /// Deterministic test body of `len` bytes.
 pub fn body_of(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()

@@ -189,8 +189,17 @@ impl Drop for Proxy {
 /// Run the binary to completion with `args` (e.g. `-t -c FILE`); a run that
 /// does not end within 20 s is killed and fails the test.
 pub fn run_to_end(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    let mut child = Command::new(binary())
-        .args(args)
+    let mut command = Command::new(binary());
+    command.args(args);
+    finish(command, || false)
+}
+
+/// Run `command` (the binary, with the caller's arguments) with `RUST_LOG` cleared and its output
+/// piped, until it exits or `started` says it got further than it should (then it is killed and
+/// its output so far returned). A config check is instant: a run that does neither within 20 s
+/// is a bug, not something to wait out, so it is killed and fails the test.
+pub fn finish(mut command: Command, mut started: impl FnMut() -> bool) -> std::process::Output {
+    let mut child = command
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -199,13 +208,18 @@ pub fn run_to_end(args: &[&std::ffi::OsStr]) -> std::process::Output {
         .expect("spawn shadowgate");
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().expect("wait for shadowgate").is_none() {
+        if started() {
+            let _ = child.kill();
+            break;
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("shadowgate {args:?} did not end within 20 s");
+            panic!("{command:?} did not end within 20 s");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // The process has exited (or been killed) and its output is small: reading the pipes cannot block.
     child.wait_with_output().expect("shadowgate output")
 }
 
