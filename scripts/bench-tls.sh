@@ -10,8 +10,8 @@
 #   h1_keepalive   HTTPS HTTP/1.1, 16 keep-alive connections (wrk)
 #   h1_new_conn    HTTPS HTTP/1.1, a new TLS connection per request (wrk, Connection: close)
 #   h2_keepalive   HTTPS HTTP/2, 16 connections x 10 streams (h2load)
-# Results: results/tls-<timestamp>/results.md (median req/s, proxy CPU per 10k
-# requests, errors) and runs.tsv with every run. Proxies are pinned to
+# Results: results/tls-<timestamp>/results.md (median req/s, proxy CPU µs per
+# request and per handshake, ratios to NGINX, errors) and runs.tsv with every run. Proxies are pinned to
 # --proxy-cpus, the load generator and origin to --load-cpus, as in bench.sh.
 set -euo pipefail
 
@@ -253,8 +253,9 @@ lines = ["# TLS termination: shadowgate vs NGINX", "",
          f"{repeats} repeat(s) of {duration} s runs, alternating targets; {threads} thread(s)/worker(s) each; "
          + (f"proxies on CPUs {pcpus}, load and origin on CPUs {lcpus}." if pin == "1" else "not pinned."),
          "Same ECDSA P-256 certificate; TLS 1.3; origin: NGINX `return 200`.", "",
-         "| scenario | target | req/s (median) | [min-max] | proxy CPU s per 10k requests | errors |",
+         "| scenario | target | req/s (median) | [min-max] | proxy CPU µs per request | errors |",
          "|---|---|---|---|---|---|"]
+summary = {}
 for sc in ("h1_keepalive", "h1_new_conn", "h2_keepalive"):
     for t in ("shadowgate", "nginx"):
         rs = [r for r in rows if r["scenario"] == sc and r["target"] == t]
@@ -263,9 +264,19 @@ for sc in ("h1_keepalive", "h1_new_conn", "h2_keepalive"):
         rps = [float(r["req_per_s"]) for r in rs]
         reqs = sum(int(r["requests"]) for r in rs)
         cpu = sum(float(r["proxy_cpu_s"]) for r in rs)
-        per10k = f"{cpu / reqs * 1e4:.3f}" if reqs else "-"
+        us = cpu / reqs * 1e6 if reqs else None
+        summary[(sc, t)] = (statistics.median(rps), us)
         errs = sum(int(r["errors"]) for r in rs)
-        lines.append(f"| {sc} | {t} | {statistics.median(rps):.0f} | {min(rps):.0f}-{max(rps):.0f} | {per10k} | {errs} |")
+        shown = f"{us:.1f}" if us is not None else "-"
+        lines.append(f"| {sc} | {t} | {statistics.median(rps):.0f} | {min(rps):.0f}-{max(rps):.0f} | {shown} | {errs} |")
+lines += ["", "Ratios, shadowgate / NGINX (h1_new_conn makes one TLS handshake per request, so its",
+          "CPU per request is the CPU per handshake plus one proxied request):", "",
+          "| scenario | req/s | CPU per request |", "|---|---|---|"]
+for sc in ("h1_keepalive", "h1_new_conn", "h2_keepalive"):
+    sg, ng = summary.get((sc, "shadowgate")), summary.get((sc, "nginx"))
+    if not sg or not ng or not ng[0] or not sg[1] or not ng[1]:
+        continue
+    lines.append(f"| {sc} | {sg[0] / ng[0]:.2f}x | {sg[1] / ng[1]:.2f}x |")
 open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
