@@ -110,7 +110,8 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 
 # --- origin, shadowgate, NGINX ------------------------------------------------
 mkdir -p "$WORK/origin"
-sed -e "s#@WORKERS@#1#; s#@PORT@#$P_ORIGIN#; s#@BODY@#hello from the bench origin#; s#@PREFIX@#$WORK/origin#g" \
+# The shared origin template (scripts/bench/origin.conf.in); /json is not used here.
+sed -e "s#@WORKERS@#1#; s#@PORT@#$P_ORIGIN#; s#@RETURN@#200 \"hello from the bench origin\\\\n\"#; s#@JSON@#{}#; s#@PREFIX@#$WORK/origin#g" \
     "$HERE/origin.conf.in" > "$WORK/origin/origin.conf"
 "${PIN_LOAD[@]}" nginx -p "$WORK/origin" -c "$WORK/origin/origin.conf" -e "$WORK/origin/error.log" \
     >"$WORK/origin/stdout.log" 2>&1 &

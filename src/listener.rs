@@ -213,6 +213,14 @@ impl ClientGate {
         // re-derives it from the request's `Connection` header); the header deadline below is
         // the real bound, so Pingora's must never be the shorter.
         let pingora_keepalive = keepalive.map(|k| k.max(limits.header_timeout()).as_secs().max(1));
+        // A TLS stream cannot be peeked for the next request's first byte (only a
+        // plain socket can): there the header deadline also covers the idle wait.
+        let can_peek = stream.get_ssl_digest().is_none();
+        let reused_deadline = if can_peek {
+            limits.header_timeout()
+        } else {
+            limits.header_timeout() + keepalive.unwrap_or_default()
+        };
         let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
         let mut first = true;
         // One per connection, re-armed for each request.
@@ -226,10 +234,18 @@ impl ClientGate {
             // A pipelined request is already read (Pingora holds its bytes), so
             // waiting for the socket would stall it until the keep-alive timeout.
             let pipelined = settings.as_ref().is_some_and(|s| s.has_pipelined_prefix());
-            if !first && !pipelined && !next_request_arrives(&mut stream, keepalive, shutdown).await
+            if !first
+                && can_peek
+                && !pipelined
+                && !next_request_arrives(&mut stream, keepalive, shutdown).await
             {
                 return;
             }
+            let deadline = if first {
+                limits.header_timeout()
+            } else {
+                reused_deadline
+            };
             let mut session = ServerSession::new_http1(stream);
             match settings {
                 Some(settings) => settings.apply_to_session(&mut session),
@@ -251,8 +267,8 @@ impl ClientGate {
             );
             let reusable = tokio::select! {
                 reusable = request => reusable,
-                _ = header_deadline(&state, limits.header_timeout()) => {
-                    debug!("request header not received within {:?}: closing", limits.header_timeout());
+                _ = header_deadline(&state, deadline) => {
+                    debug!("request header not received within {deadline:?}: closing");
                     listener.metrics.header_timeouts.inc();
                     return;
                 }

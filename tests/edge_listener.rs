@@ -177,6 +177,39 @@ async fn tls_serves_http1_and_http2_by_alpn_with_tls_1_2_and_1_3() {
     );
 }
 
+/// HTTP/1.1 over TLS keeps the connection: the second request rides the first
+/// connection (a TLS stream cannot be peeked, so the client-limits loop must not
+/// wait for the next request's first byte there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_http1_connections_are_kept_alive() {
+    let (certs, primary, proxy) = tls_to_primary("").await;
+    let port = proxy.addr.port();
+    let resolve = format!("site.test:{port}:127.0.0.1");
+    let url = format!("https://site.test:{port}/api/a");
+    let out = curl(&[
+        "--cacert",
+        certs.ca_path(),
+        "--resolve",
+        &resolve,
+        "--http1.1",
+        "-w",
+        "%{http_code} %{num_connects}\n",
+        "-o",
+        "/dev/null",
+        &url,
+        "-o",
+        "/dev/null",
+        &url,
+        "-o",
+        "/dev/null",
+        &url,
+    ])
+    .await;
+    assert!(out.success, "{out:?}");
+    assert_eq!(out.stdout, "200 1\n200 0\n200 0\n", "{out:?}");
+    assert_eq!(primary.count(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_the_certificate_and_falls_back_to_the_first() {
     let certs = Certs::new();
