@@ -13,6 +13,7 @@
 # document on /json, one of them with one value changed), starts every proxy configuration pinned to its
 # own CPUs, then measures them alternately (A B C D E, B C D E A, ...) after a
 # warm-up. Each mirror target is checked against its shadow's request count.
+# Without --only it then runs scripts/bench-tls.sh (TLS termination) into <out>/tls.
 # Results go to results/<timestamp>/: results.md (tables, CPU per request and
 # per mirrored request, targets), results.json (every raw figure), chart.svg,
 # and the logs.
@@ -471,4 +472,20 @@ done
 ELAPSED=$(( $(date +%s) - STARTED ))
 python3 "$HERE/report.py" "$OUT" --elapsed "$ELAPSED" --build "$BUILD_S"
 sg_say "results: $OUT/results.md  $OUT/results.json  $OUT/chart.svg"
+
+# --- TLS termination ---------------------------------------------------------------------
+# scripts/bench-tls.sh with the same binary, threads and pinning, in the same
+# invocation (skipped with --only): HTTPS keep-alive, a handshake per request, HTTP/2.
+if [ -z "$ONLY" ]; then
+    tls_args=(--binary "$SG" --out "$OUT/tls" --threads "$THREADS" --port-base $((PORT_BASE + 100)))
+    if [ "$PIN" = 1 ]; then
+        tls_args+=(--proxy-cpus "$PROXY_CPUS" --load-cpus "$LOAD_CPUS")
+    else
+        tls_args+=(--no-pin)
+    fi
+    [ "$QUICK" = 1 ] && tls_args+=(--quick)
+    bash "$REPO/scripts/bench-tls.sh" "${tls_args[@]}" \
+        || sg_say "warning: the TLS scenarios failed; see $OUT/tls"
+fi
+ELAPSED=$(( $(date +%s) - STARTED ))
 sg_say "took ${ELAPSED}s in all, of which ${BUILD_S}s building"
