@@ -354,10 +354,8 @@ impl ProxyHttp for ShadowGate {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        request::add_forwarding_headers(upstream_request, client_ip(session));
-        if tls_version(session).is_some() {
-            upstream_request.insert_header("x-forwarded-proto", "https")?;
-        }
+        let tls = tls_version(session).is_some();
+        request::add_forwarding_headers(upstream_request, client_ip(session), tls);
         request::relay_proxy_authorization(session.req_header(), upstream_request);
         request::normalize_upstream(upstream_request);
         if ctx.tee.wants_primary_header() {

@@ -16,7 +16,8 @@ pub const VIA_TOKEN: &str = "1.1 shadowgate";
 
 /// Add the headers a reverse proxy owes its upstream: who the client is, which
 /// scheme it used, and that we passed the request on.
-pub fn add_forwarding_headers(req: &mut RequestHeader, client_ip: Option<IpAddr>) {
+/// `tls`: whether the client connected over TLS (`X-Forwarded-Proto: https`).
+pub fn add_forwarding_headers(req: &mut RequestHeader, client_ip: Option<IpAddr>, tls: bool) {
     if let Some(ip) = client_ip {
         let forwarded_for = match req.headers.get("x-forwarded-for").map(|v| v.to_str()) {
             Some(Ok(prior)) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
@@ -24,8 +25,9 @@ pub fn add_forwarding_headers(req: &mut RequestHeader, client_ip: Option<IpAddr>
         };
         let _ = req.insert_header("x-forwarded-for", forwarded_for);
     }
-    // We are the edge and listen on plain HTTP: the client's scheme is ours to state.
-    let _ = req.insert_header("x-forwarded-proto", "http");
+    // We are the edge: the client's scheme is ours to state.
+    let scheme = if tls { "https" } else { "http" };
+    let _ = req.insert_header("x-forwarded-proto", scheme);
     let via = match req.headers.get(header::VIA).map(|v| v.to_str()) {
         Some(Ok(prior)) if !prior.trim().is_empty() => format!("{prior}, {VIA_TOKEN}"),
         _ => VIA_TOKEN.to_string(),
@@ -215,10 +217,12 @@ mod tests {
     #[test]
     fn forwarding_headers_append_to_prior_hops() {
         let mut req = request(&[("x-forwarded-for", "10.0.0.1"), ("via", "1.1 lb")]);
-        add_forwarding_headers(&mut req, Some("127.0.0.9".parse().unwrap()));
+        add_forwarding_headers(&mut req, Some("127.0.0.9".parse().unwrap()), false);
         assert_eq!(req.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
         assert_eq!(req.headers["via"], "1.1 lb, 1.1 shadowgate");
         assert_eq!(req.headers["x-forwarded-proto"], "http");
+        add_forwarding_headers(&mut req, None, true);
+        assert_eq!(req.headers["x-forwarded-proto"], "https");
     }
 
     #[test]

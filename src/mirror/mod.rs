@@ -680,20 +680,12 @@ impl MirrorTee {
         self.compare_senders.clear();
     }
 
-    /// Each mirror of the route (by upstream name) and what it did with this request so far.
+    /// Each mirror of the route (by upstream name) and what it did with this request,
+    /// as settled by `finish`.
     pub fn outcomes(&self) -> impl Iterator<Item = (&str, MirrorOutcome)> {
         self.outcomes
             .iter()
-            .enumerate()
-            .map(|(slot, (mirror, outcome))| {
-                let abandoned = self
-                    .taps
-                    .iter()
-                    .find(|t| t.slot == slot)
-                    .and_then(|t| t.abandoned);
-                let outcome = abandoned.map_or(*outcome, MirrorOutcome::Abandoned);
-                (mirror.upstream_name(), outcome)
-            })
+            .map(|(mirror, outcome)| (mirror.upstream_name(), *outcome))
     }
 }
 
