@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderValue;
 use log::{info, warn};
+use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -192,6 +193,10 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 #[async_trait]
 impl ProxyHttp for ShadowGate {
     type CTX = RequestCtx;
+
+    /// At start: no downstream modules. Pingora's default adds a response
+    /// compression module that is disabled yet still built and called per request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     /// A fresh per-request state.
     fn new_ctx(&self) -> RequestCtx {

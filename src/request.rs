@@ -26,13 +26,18 @@ pub fn add_forwarding_headers(req: &mut RequestHeader, client_ip: Option<IpAddr>
         let _ = req.insert_header("x-forwarded-for", forwarded_for);
     }
     // We are the edge: the client's scheme is ours to state.
-    let scheme = if tls { "https" } else { "http" };
+    let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
     let _ = req.insert_header("x-forwarded-proto", scheme);
+    // Static values where nothing came before: no allocation on the common path.
     let via = match req.headers.get(header::VIA).map(|v| v.to_str()) {
-        Some(Ok(prior)) if !prior.trim().is_empty() => format!("{prior}, {VIA_TOKEN}"),
-        _ => VIA_TOKEN.to_string(),
+        Some(Ok(prior)) if !prior.trim().is_empty() => {
+            HeaderValue::try_from(format!("{prior}, {VIA_TOKEN}"))
+        }
+        _ => Ok(HeaderValue::from_static(VIA_TOKEN)),
     };
-    let _ = req.insert_header(header::VIA, via);
+    if let Ok(via) = via {
+        let _ = req.insert_header(header::VIA, via);
+    }
 }
 
 /// Why a request must be refused with 400 before it goes anywhere, if it must.
