@@ -29,6 +29,9 @@ impl ShadowExecutor {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        // Boxed: a session's future is several KiB, and the task would otherwise
+        // copy it by value at each step of spawning and again when it ends.
+        let session = Box::pin(session);
         match self.handle() {
             Some(handle) => drop(handle.spawn(session)),
             None => drop(tokio::spawn(session)),
