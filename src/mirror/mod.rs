@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod conns;
 pub mod executor;
+mod h1;
 pub mod sampler;
 pub mod shadow;
 
@@ -27,7 +28,7 @@ use crate::upstream::Pool;
 use budget::{ByteBudget, QueueAccount};
 use executor::ShadowExecutor;
 use sampler::Sampler;
-use shadow::{AbortSignal, CaptureSink, ShadowMsg, ShadowSession};
+use shadow::{AbortSignal, BodyFeed, CaptureSink, ShadowMsg, ShadowSession};
 
 /// Why a request was not mirrored, or why a shadow request was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,14 +245,15 @@ impl Mirror {
         sampled
     }
 
-    /// Start a shadow session for this request, or say why not.
+    /// Start a shadow session for this request, or say why not. The tap that feeds
+    /// it the body comes back, or none for a bodiless request.
     fn start(
         self: &Arc<Self>,
         primary: RequestHeader,
         client_ip: Option<IpAddr>,
         body: RequestBody,
         capture: Option<CaptureSink>,
-    ) -> Result<Tap, AbandonReason> {
+    ) -> Result<Option<Tap>, AbandonReason> {
         if let RequestBody::Length(len) = body
             && len > self.max_body_bytes
         {
@@ -272,6 +274,26 @@ impl Mirror {
             .ok_or(AbandonReason::NoHealthyBackend)?;
         let peer = self.pool.peer(addr);
 
+        let header = Some(Box::new(self.shadow_header(primary, body)));
+        if body == RequestBody::Empty {
+            // Nothing will follow the header: no body queue, and nothing for the
+            // primary side to abort (an HTTP/2 upstream may not even call the body
+            // filter for an empty body). The shadow runs on its own from here.
+            self.runtime.executor.spawn(
+                ShadowSession {
+                    header,
+                    peer,
+                    addr,
+                    body: None,
+                    mirror: self.clone(),
+                    capture,
+                    captured: None,
+                    _permit: permit,
+                }
+                .run(),
+            );
+            return Ok(None);
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let abort = Arc::new(AbortSignal::default());
         let account = Arc::new(QueueAccount::new(
@@ -279,18 +301,20 @@ impl Mirror {
             self.runtime.budget.clone(),
         ));
         let session = ShadowSession {
-            header: Some(Box::new(self.shadow_header(primary, body))),
+            header,
             peer,
             addr,
-            inbox: rx,
-            abort: abort.clone(),
+            body: Some(BodyFeed {
+                inbox: rx,
+                abort: abort.clone(),
+            }),
             mirror: self.clone(),
             capture,
             captured: None,
             _permit: permit,
         };
         self.runtime.executor.spawn(session.run());
-        let mut tap = Tap {
+        Ok(Some(Tap {
             mirror: self.clone(),
             tx,
             abort,
@@ -299,13 +323,7 @@ impl Mirror {
             open: true,
             slot: 0,
             abandoned: None,
-        };
-        if body == RequestBody::Empty {
-            // No body filter call is guaranteed for an empty body (an HTTP/2
-            // upstream skips it), so end the shadow's body right away.
-            tap.end();
-        }
-        Ok(tap)
+        }))
     }
 
     /// The request as the shadow sees it: exactly the header sent to the primary
@@ -550,10 +568,12 @@ impl MirrorTee {
         sink: Option<CaptureSink>,
     ) {
         match mirror.start(header, self.client_ip, self.body, sink) {
-            Ok(mut tap) => {
+            Ok(Some(mut tap)) => {
                 tap.slot = slot;
                 self.taps.push(tap);
             }
+            // A bodiless shadow needs nothing more from the primary side.
+            Ok(None) => {}
             Err(reason) => {
                 mirror.abandoned(reason);
                 if let Some((_, outcome)) = self.outcomes.get_mut(slot) {

@@ -6,14 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use log::debug;
 use pingora_core::protocols::http::client::HttpSession;
-use pingora_core::protocols::http::v1::client::HttpSession as HttpSessionV1;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::budget::QueuedChunk;
+use super::h1::ShadowH1;
 use super::{AbandonReason, Mirror};
 use crate::compare::capture::{Capture, Capturer};
 
@@ -70,6 +72,12 @@ pub struct CaptureSink {
     pub cap: u64,
 }
 
+/// The primary side's line to a shadow with a body: the chunks, and a way to stop it.
+pub(super) struct BodyFeed {
+    pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
+    pub abort: Arc<AbortSignal>,
+}
+
 /// One mirrored request, owned by its own task.
 pub(super) struct ShadowSession {
     /// Taken by the exchange when it writes it (no copy).
@@ -77,8 +85,8 @@ pub(super) struct ShadowSession {
     pub peer: HttpPeer,
     /// The shadow server `peer` points at.
     pub addr: SocketAddr,
-    pub inbox: mpsc::UnboundedReceiver<ShadowMsg>,
-    pub abort: Arc<AbortSignal>,
+    /// Where the body comes from; none for a bodiless request.
+    pub body: Option<BodyFeed>,
     pub mirror: Arc<Mirror>,
     /// Where the response goes when it is compared; otherwise it is read and discarded.
     pub capture: Option<CaptureSink>,
@@ -93,30 +101,42 @@ impl ShadowSession {
     /// A timeout or an abort drops the exchange, and with it the connection: a
     /// half-sent body is closed, never finished.
     pub async fn run(mut self) {
-        // A freshly spawned task runs next on this worker, ahead of primary
-        // requests already waiting; step back behind them first.
-        tokio::task::yield_now().await;
+        // On a multi-thread runtime a freshly spawned task runs next on this
+        // worker (its LIFO slot), ahead of primary requests already waiting: step
+        // back behind them first. A current-thread runtime (one proxy thread, or
+        // `work_stealing: false`) queues it behind them already.
+        if Handle::current().runtime_flavor() != RuntimeFlavor::CurrentThread {
+            tokio::task::yield_now().await;
+        }
         let mirror = self.mirror.clone();
-        let abort = self.abort.clone();
+        let abort = self.body.as_ref().map(|feed| feed.abort.clone());
         let started = Instant::now();
         // For the outcome's log line: cheap clones (a known method, a shared path).
-        let (method, uri) = self
-            .header
-            .as_ref()
-            .map(|h| (h.method.clone(), h.uri.clone()))
-            .unwrap_or_default();
+        let (method, uri) = match &self.header {
+            Some(h) if log::log_enabled!(log::Level::Debug) => (h.method.clone(), h.uri.clone()),
+            _ => Default::default(),
+        };
         mirror.metrics.in_flight.inc();
-        let outcome = tokio::select! {
-            biased;
-            reason = abort.triggered() => Outcome::Abandoned(reason),
-            result = tokio::time::timeout(mirror.timeout, self.exchange(started)) => match result {
+        let exchange = async {
+            match tokio::time::timeout(mirror.timeout, self.exchange(started)).await {
                 Ok(outcome) => outcome,
                 Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
+            }
+        };
+        let outcome = match &abort {
+            Some(abort) => tokio::select! {
+                biased;
+                reason = abort.triggered() => Outcome::Abandoned(reason),
+                outcome = exchange => outcome,
             },
+            // A bodiless shadow: the primary side has nothing to stop it for.
+            None => exchange.await,
         };
         // Return the bytes of chunks that will never be sent.
-        self.inbox.close();
-        while self.inbox.try_recv().is_ok() {}
+        if let Some(feed) = &mut self.body {
+            feed.inbox.close();
+            while feed.inbox.try_recv().is_ok() {}
+        }
         mirror.metrics.in_flight.dec();
         let method = method.as_str();
         let path = uri.path();
@@ -156,48 +176,21 @@ impl ShadowSession {
     }
 
     async fn exchange(&mut self, started: Instant) -> Outcome {
-        use AbandonReason::{ConnectError, PrimaryAborted, UpstreamError};
-        let runtime = &self.mirror.runtime;
-        let connected = if self.mirror.pool.is_h2() {
-            runtime
-                .connector
-                .get_http_session(&self.peer)
-                .await
-                .map(|(session, _reused)| session)
-        } else {
-            runtime
-                .connections
-                .get(&self.peer, self.addr, self.peer.idle_timeout())
-                .await
-                .map(|(stream, _reused)| {
-                    HttpSession::H1(HttpSessionV1::new_with_options(stream, &self.peer))
-                })
-        };
-        let mut session = match connected {
-            Ok(session) => session,
-            Err(e) => {
-                debug!("shadow connect to {} failed: {e}", self.peer);
-                return Outcome::Abandoned(ConnectError);
-            }
-        };
+        use AbandonReason::{PrimaryAborted, UpstreamError};
         let Some(header) = self.header.take() else {
             return Outcome::Abandoned(UpstreamError);
         };
         // A response to HEAD has no body, whatever its framing headers say.
         let is_head = header.method == http::Method::HEAD;
-        if let Err(e) = session.write_request_header(header).await {
-            debug!("shadow request header to {} failed: {e}", self.peer);
-            return Outcome::Abandoned(UpstreamError);
-        }
-
-        loop {
-            match self.inbox.recv().await {
+        let mut conn = match self.open(header).await {
+            Ok(conn) => conn,
+            Err(reason) => return Outcome::Abandoned(reason),
+        };
+        while let Some(feed) = &mut self.body {
+            match feed.inbox.recv().await {
                 Some(ShadowMsg::Chunk(chunk)) => {
                     let len = chunk.bytes().len() as u64;
-                    if let Err(e) = session
-                        .write_request_body(chunk.bytes().clone(), false)
-                        .await
-                    {
+                    if let Err(e) = conn.send_body(chunk.bytes()).await {
                         debug!("shadow body to {} failed: {e}", self.peer);
                         return Outcome::Abandoned(UpstreamError);
                     }
@@ -207,73 +200,177 @@ impl ShadowSession {
                 }
                 Some(ShadowMsg::End) => break,
                 None => {
-                    session.shutdown().await;
+                    conn.shutdown().await;
                     return Outcome::Abandoned(PrimaryAborted);
                 }
             }
         }
-        if let Err(e) = session.finish_request_body().await {
+        if let Err(e) = conn.finish_body().await {
             debug!("shadow body end to {} failed: {e}", self.peer);
             return Outcome::Abandoned(UpstreamError);
         }
-
-        // Read the whole response so the connection can go back to the pool.
-        let (status, mut capturer) = loop {
-            if let Err(e) = session.read_response_header().await {
-                debug!("shadow response from {} unreadable: {e}", self.peer);
-                return Outcome::Abandoned(UpstreamError);
+        // Read the whole response so the connection can be used again.
+        let capturer = self
+            .capture
+            .as_ref()
+            .map(|sink| Capturer::new(sink.cap, self.mirror.runtime.budget.clone(), started));
+        match self.read_response(conn, is_head, capturer).await {
+            Ok((status, capturer)) => {
+                if let Some(mut capturer) = capturer {
+                    capturer.end();
+                    self.captured = Some(capturer.finish());
+                }
+                Outcome::Completed { status }
             }
-            let Some(header) = session.response_header() else {
-                return Outcome::Abandoned(UpstreamError);
+            Err(e) => {
+                debug!("shadow response from {} failed: {e}", self.peer);
+                Outcome::Abandoned(UpstreamError)
+            }
+        }
+    }
+
+    /// Connect to the shadow server and send the request header: over one of the
+    /// mirror's own idle HTTP/1 connections, or Pingora's HTTP/2 session pool.
+    async fn open(&self, header: Box<RequestHeader>) -> Result<Conn, AbandonReason> {
+        use AbandonReason::{ConnectError, UpstreamError};
+        let runtime = &self.mirror.runtime;
+        if self.mirror.pool.is_h2() {
+            let mut session = match runtime.connector.get_http_session(&self.peer).await {
+                Ok((session, _reused)) => session,
+                Err(e) => {
+                    debug!("shadow connect to {} failed: {e}", self.peer);
+                    return Err(ConnectError);
+                }
             };
-            // 1xx (e.g. 100 Continue) is interim: the final header follows.
-            if !header.status.is_informational() {
-                let status = header.status.as_u16();
-                let capturer = self.capture.as_ref().map(|sink| {
-                    let budget = self.mirror.runtime.budget.clone();
-                    let mut capturer = Capturer::new(sink.cap, budget, started);
-                    capturer.header(status, &header.headers);
-                    capturer
-                });
-                break (status, capturer);
+            if let Err(e) = session.write_request_header(header).await {
+                debug!("shadow request header to {} failed: {e}", self.peer);
+                return Err(UpstreamError);
+            }
+            return Ok(Conn::H2(Box::new(session)));
+        }
+        let stream = match runtime
+            .connections
+            .get(&self.peer, self.addr, self.peer.idle_timeout())
+            .await
+        {
+            Ok((stream, _reused)) => stream,
+            Err(e) => {
+                debug!("shadow connect to {} failed: {e}", self.peer);
+                return Err(ConnectError);
             }
         };
-        // A response to HEAD has no body, whatever its Content-Length says; the
-        // HTTP/2 client would take the missing bytes for a protocol error.
-        let mut has_body = !is_head;
-        while has_body {
-            match session.read_response_body().await {
-                // Kept (up to the cap) when compared, else discarded.
-                Ok(Some(chunk)) => {
-                    if let Some(capturer) = &mut capturer {
-                        capturer.body(&chunk);
-                    }
-                }
-                Ok(None) => has_body = false,
-                Err(e) => {
-                    debug!("shadow response body from {} failed: {e}", self.peer);
-                    return Outcome::Abandoned(UpstreamError);
-                }
+        match ShadowH1::send_header(stream, &header).await {
+            Ok(h1) => Ok(Conn::H1(h1)),
+            Err(e) => {
+                debug!("shadow request header to {} failed: {e}", self.peer);
+                Err(UpstreamError)
             }
         }
-        if let Some(mut capturer) = capturer {
-            capturer.end();
-            self.captured = Some(capturer.finish());
-        }
-        match session {
-            HttpSession::H1(mut h1) => {
-                h1.respect_keepalive();
-                if let Some(stream) = h1.reuse().await {
+    }
+
+    /// The final response: its status, and the capture when compared. The
+    /// connection goes back to its pool if it can carry another request.
+    async fn read_response(
+        &self,
+        conn: Conn,
+        is_head: bool,
+        mut capturer: Option<Capturer>,
+    ) -> Result<(u16, Option<Capturer>), String> {
+        let runtime = &self.mirror.runtime;
+        match conn {
+            Conn::H1(mut h1) => {
+                let head = h1
+                    .read_head(is_head, capturer.is_some())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(capturer) = &mut capturer {
+                    capturer.header(head.status, &head.headers);
+                }
+                h1.read_body(head.body, capturer.as_mut())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(stream) = h1.into_reusable() {
                     runtime.connections.put(self.addr, stream);
                 }
+                Ok((head.status, capturer))
             }
-            session => {
+            Conn::H2(mut session) => {
+                let status = loop {
+                    session
+                        .read_response_header()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let header = session
+                        .response_header()
+                        .ok_or_else(|| "no response header".to_string())?;
+                    // 1xx (e.g. 100 Continue) is interim: the final header follows.
+                    if !header.status.is_informational() {
+                        if let Some(capturer) = &mut capturer {
+                            capturer.header(header.status.as_u16(), &header.headers);
+                        }
+                        break header.status.as_u16();
+                    }
+                };
+                // A response to HEAD has no body, whatever its Content-Length says; the
+                // HTTP/2 client would take the missing bytes for a protocol error.
+                let mut has_body = !is_head;
+                while has_body {
+                    match session.read_response_body().await {
+                        Ok(Some(chunk)) => {
+                            if let Some(capturer) = &mut capturer {
+                                capturer.body(&chunk);
+                            }
+                        }
+                        Ok(None) => has_body = false,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
                 runtime
                     .connector
-                    .release_http_session(session, &self.peer, self.peer.idle_timeout())
-                    .await
+                    .release_http_session(*session, &self.peer, self.peer.idle_timeout())
+                    .await;
+                Ok((status, capturer))
             }
         }
-        Outcome::Completed { status }
+    }
+}
+
+/// A shadow's connection once its request header is sent.
+enum Conn {
+    /// HTTP/1: the lean client of `h1`.
+    H1(ShadowH1),
+    /// HTTP/2: Pingora's client (boxed: the session future stays small).
+    H2(Box<HttpSession>),
+}
+
+impl Conn {
+    async fn send_body(&mut self, piece: &Bytes) -> Result<(), String> {
+        match self {
+            Conn::H1(h1) => h1.send_body(piece).await.map_err(|e| e.to_string()),
+            Conn::H2(session) => session
+                .write_request_body(piece.clone(), false)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn finish_body(&mut self) -> Result<(), String> {
+        match self {
+            Conn::H1(h1) => h1.finish_body().await.map_err(|e| e.to_string()),
+            Conn::H2(session) => session
+                .finish_request_body()
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Close the connection so that the server sees the body cut short, not finished.
+    async fn shutdown(&mut self) {
+        match self {
+            Conn::H1(h1) => h1.shutdown().await,
+            Conn::H2(session) => session.shutdown().await,
+        }
     }
 }
