@@ -54,7 +54,8 @@ Usage: scripts/bench.sh [options]
                         compare_c16
                         (the CPU-per-request targets use get_c1,get_c16,get_c64;
                         the shadow-verdict target uses compare_c16)
-  --no-build            use the existing target/release/shadowgate
+  --no-build            use the existing target/release/shadowgate and
+                        target/release/examples/bare_pingora
   --no-install          never install missing tools, only name them
   --out DIR             results folder (default results/<timestamp>)
   -h, --help            this help
@@ -62,8 +63,11 @@ Usage: scripts/bench.sh [options]
 Targets: direct (the origin), shadowgate and NGINX plain, each with a 100%
 mirror to a shadow answering 200 with a body, to a keep-alive shadow answering
 204 with no body (the closed-loop scenarios), and to a shadow answering after
---slow-delay-ms (slow_shadow). The report gives CPU µs per request, the extra
-CPU per mirrored request, and the ratios shadowgate/NGINX against the targets.
+--slow-delay-ms (slow_shadow). In the GET scenarios (get_c1, get_c16, get_c64)
+also bare Pingora (examples/bare_pingora.rs: one ProxyHttp that only picks the
+origin), the CPU floor of Pingora itself. The report gives CPU µs per request,
+the extra CPU per mirrored request, the ratios shadowgate/NGINX against the
+targets, and shadowgate/bare Pingora and bare Pingora/NGINX.
 
 compare_c16 (wrk, 16 connections, GET /json, a 4 KiB JSON body) measures
 shadow verdicts: shadowgate plain, with a 100% mirror to a shadow answering the
@@ -197,14 +201,17 @@ fi
 
 # --- build --------------------------------------------------------------------
 SG="$REPO/target/release/shadowgate"
+# Bare Pingora, the CPU floor of Pingora itself: same release profile and allocator.
+BARE="$REPO/target/release/examples/bare_pingora"
 if [ "$BUILD" = 1 ]; then
     command -v cargo >/dev/null 2>&1 || sg_die "cargo not found; install Rust with rustup (https://rustup.rs) or pass --no-build with a built target/release/shadowgate"
-    sg_say "building the release binary (cargo build --release)"
+    sg_say "building the release binaries (cargo build --release --bin shadowgate --example bare_pingora)"
     BUILD_T0=$(date +%s)
-    (cd "$REPO" && cargo build --release --bin shadowgate >&2) || sg_die "cargo build --release failed"
+    (cd "$REPO" && cargo build --release --bin shadowgate --example bare_pingora >&2) || sg_die "cargo build --release failed"
     BUILD_S=$(( $(date +%s) - BUILD_T0 ))
 fi
 [ -x "$SG" ] || sg_die "$SG not found; run without --no-build"
+[ -x "$BARE" ] || sg_die "$BARE not found; run without --no-build (or: cargo build --release --example bare_pingora)"
 
 # --- results and work folders -------------------------------------------------
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -259,8 +266,9 @@ P_MET_MJ=$((PORT_BASE + 24)); P_MET_CJ=$((PORT_BASE + 25)); P_MET_CJD=$((PORT_BA
 P_SG=$((PORT_BASE + 10)); P_SG_M=$((PORT_BASE + 11)); P_SG_MS=$((PORT_BASE + 12)); P_SG_M204=$((PORT_BASE + 13))
 P_MET=$((PORT_BASE + 20)); P_MET_M=$((PORT_BASE + 21)); P_MET_MS=$((PORT_BASE + 22)); P_MET_M204=$((PORT_BASE + 23))
 P_NG=$((PORT_BASE + 30)); P_NG_M=$((PORT_BASE + 31)); P_NG_MS=$((PORT_BASE + 32)); P_NG_M204=$((PORT_BASE + 33))
+P_BARE=$((PORT_BASE + 40))
 for p in $P_ORIGIN $P_SHADOW $P_SLOW $P_SHADOW_204 $P_SHADOW_DIFF $P_SG_MJ $P_SG_CJ $P_SG_CJD $P_MET_MJ $P_MET_CJ $P_MET_CJD $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_MET $P_MET_M $P_MET_MS \
-    $P_MET_M204 $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
+    $P_MET_M204 $P_NG $P_NG_M $P_NG_MS $P_NG_M204 $P_BARE; do
     ! sg_listening "127.0.0.1:$p" || sg_die "127.0.0.1:$p is already in use; pick other ports with --port-base"
 done
 
@@ -316,6 +324,17 @@ start_sg() { # name port metrics-port shadow-port mirrors-yaml
     RUST_LOG=warn "${PIN_PROXY[@]}" "$SG" -c "$dir/shadowgate.yaml" >"$dir/shadowgate.log" 2>&1 &
     PIDS+=($!)
     SG_PIDS+=($!)
+    eval "PID_${name//-/_}=$!"
+}
+
+start_bare() { # name port: bare Pingora to the origin, pinned and threaded like shadowgate
+    local name=$1 port=$2
+    local dir="$WORK/$name"
+    mkdir -p "$dir"
+    RUST_LOG=warn "${PIN_PROXY[@]}" "$BARE" --listen "127.0.0.1:$port" --origin "127.0.0.1:$P_ORIGIN" \
+        --threads "$THREADS" >"$dir/bare_pingora.log" 2>&1 &
+    PIDS+=($!)
+    SG_PIDS+=($!)  # Pingora's SIGINT is a fast stop too
     eval "PID_${name//-/_}=$!"
 }
 
@@ -383,8 +402,9 @@ start_nginx nginx-mirror-slow "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "
     SHADOW_PORT="$P_SLOW" MIRROR="mirror /__bench_mirror;"
 start_nginx nginx-mirror-204 "$HERE/nginx-proxy.conf.in" "${PIN_PROXY[@]}" -- "${ng_common[@]}" PORT="$P_NG_M204" \
     SHADOW_PORT="$P_SHADOW_204" MIRROR="mirror /__bench_mirror;"
+start_bare pingora-bare "$P_BARE"
 
-for p in $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_SG_MJ $P_SG_CJ $P_SG_CJD $P_NG $P_NG_M $P_NG_MS $P_NG_M204; do
+for p in $P_SG $P_SG_M $P_SG_MS $P_SG_M204 $P_SG_MJ $P_SG_CJ $P_SG_CJD $P_NG $P_NG_M $P_NG_MS $P_NG_M204 $P_BARE; do
     wait_http "http://127.0.0.1:$p/bench" 15
 done
 for pid in "${PIDS[@]}"; do
@@ -436,6 +456,7 @@ m = {
     "nginx_mirror": t("nginx", $P_NG_M, [$PID_nginx_mirror], threads=$THREADS, shadow="shadow"),
     "nginx_mirror_204": t("nginx", $P_NG_M204, [$PID_nginx_mirror_204], threads=$THREADS, shadow="shadow_204"),
     "nginx_mirror_slow": t("nginx", $P_NG_MS, [$PID_nginx_mirror_slow], threads=$THREADS, shadow="slow_shadow"),
+    "pingora_bare": t("pingora", $P_BARE, [$PID_pingora_bare], threads=$THREADS),
   },
   "params": {
     "repeats": $REPEATS, "closed_s": $CLOSED_S, "rate_s": $RATE_S, "warmup_s": $([ "$QUICK" = 1 ] && echo 1 || echo 3),

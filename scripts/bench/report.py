@@ -31,6 +31,7 @@ LABEL = {
     "nginx_mirror": "NGINX + mirror",
     "nginx_mirror_204": "NGINX + mirror to 204 shadow",
     "nginx_mirror_slow": "NGINX + mirror to slow shadow",
+    "pingora_bare": "bare Pingora",
 }
 COLOR = {
     "direct": "#9e9e9e",
@@ -46,6 +47,7 @@ COLOR = {
     "nginx_mirror": "#8fd694",
     "nginx_mirror_204": "#c9edcc",
     "nginx_mirror_slow": "#8fd694",
+    "pingora_bare": "#d08a2e",
 }
 # Each mirror target and the same proxy without a mirror: their difference in
 # CPU per request, over the mirrored share, is the extra CPU per mirrored request.
@@ -69,6 +71,9 @@ CPU_TARGETS = [
     ("extra_vs_plain_204", "extra CPU per mirrored request (204 shadow), shadowgate extra / shadowgate plain", 0.5),
 ]
 CPU_TARGET_SCENARIOS = ["get_c1", "get_c16", "get_c64"]
+# Bare Pingora (examples/bare_pingora.rs): a ProxyHttp that only picks the origin, run like
+# shadowgate. Its CPU per request is Pingora's own floor under shadowgate's.
+BARE = "pingora_bare"
 # Shadow verdicts (issue 8): added CPU per compared request over plain CPU per request.
 COMPARE_SCENARIO = "compare_c16"
 COMPARE_LIMIT = 0.25
@@ -372,7 +377,48 @@ def cpu_section(manifest, runs, cells):
               f"{fmt_pair(r.get('extra_vs_plain_204'))} | {fmt_pair(r.get('extra_vs_nginx_body'))} | "
               f"{fmt_pair(r.get('extra_vs_plain_body'))} |")
         w("")
+    with_bare = [sc["id"] for sc in scen if {BARE, "shadowgate", "nginx"} <= set(sc["targets"])]
+    if with_bare:
+        w("Bare Pingora (`examples/bare_pingora.rs`: Pingora's HTTP proxy with a `ProxyHttp` that only returns the "
+          "origin, same release build, allocator, threads and pinning) is the CPU floor of Pingora itself: "
+          "shadowgate / NGINX = (shadowgate / bare Pingora) × (bare Pingora / NGINX), the first factor what "
+          "shadowgate adds, the second Pingora's own. CPU per request: median [min–max] over repeats; "
+          "ratios paired by repeat, median (min–max).")
+        w("")
+        w("| scenario | bare Pingora µs/request | shadowgate / bare Pingora | bare Pingora / NGINX |")
+        w("|---|---:|---:|---:|")
+        data["bare_pingora"] = {}
+        for sid in with_bare:
+            r = bare_ratios(runs, sid)
+            data["bare_pingora"][sid] = {"all": r, "quiet": bare_ratios(runs, sid, clean=True)}
+            us = r.get("bare_us")
+            us_txt = "–" if us is None else fmt_us(us["median"]) + (
+                f" [{fmt_us(us['min'])}–{fmt_us(us['max'])}]" if us["n"] > 1 else "")
+            w(f"| {SCEN_LABEL.get(sid, sid)} | {us_txt} | {fmt_pair(r.get('sg_vs_bare'))} | "
+              f"{fmt_pair(r.get('bare_vs_nginx'))} |")
+        w("")
     return md, data
+
+
+def bare_ratios(runs, scenario, clean=False):
+    """Bare Pingora's CPU µs per request and, per repeat, shadowgate / bare Pingora and
+    bare Pingora / NGINX CPU per request (plain targets), each as spread over repeats."""
+    by = runs_by_repeat(runs, scenario, clean)
+    reps = sorted({rep for (_, rep) in by})
+    bare_us, sg_vs_bare, bare_vs_nginx = [], [], []
+    for rep in reps:
+        b, sg, ng = (by.get((t, rep)) for t in (BARE, "shadowgate", "nginx"))
+        b_us = us_key(b) if b else None
+        if b_us is None:
+            continue
+        bare_us.append(b_us)
+        sg_us = us_key(sg) if sg else None
+        ng_us = us_key(ng) if ng else None
+        if sg_us is not None and b_us:
+            sg_vs_bare.append(sg_us / b_us)
+        if ng_us:
+            bare_vs_nginx.append(b_us / ng_us)
+    return {"bare_us": spread(bare_us), "sg_vs_bare": spread(sg_vs_bare), "bare_vs_nginx": spread(bare_vs_nginx)}
 
 
 def added_compare_us(by, target, rep):

@@ -30,6 +30,9 @@ LATENCY = ["direct", "shadowgate", "shadowgate_mirror", "nginx", "nginx_mirror"]
 # CPU cost against the plain proxy is the extra CPU per mirrored request.
 MAIN = ["direct", "shadowgate", "shadowgate_mirror", "shadowgate_mirror_204",
         "nginx", "nginx_mirror", "nginx_mirror_204"]
+# GET keep-alive: the same, plus bare Pingora (examples/bare_pingora.rs), the CPU
+# floor of Pingora itself under shadowgate.
+GET = MAIN + ["pingora_bare"]
 SLOW = ["shadowgate", "shadowgate_mirror_slow", "nginx", "nginx_mirror_slow"]
 # Shadow verdicts on a 4 KiB JSON body: plain, 100% mirror without compare, with
 # compare (bodies equal), with compare against a shadow whose JSON differs.
@@ -388,7 +391,7 @@ def measure(m, scenario, name, repeat, state, warmup=False):
         rec["rss_hwm_kb_sum"] = sum(status_kb(p, "VmHWM") for p in pids)
         rec["rss_hwm_kb_max_worker"] = max([status_kb(p, "VmHWM") for p in pids[1:]] or [0])
         rec["rss_hwm_kb"] = rec["rss_hwm_kb_sum"]
-    elif t["kind"] == "shadowgate":
+    elif t["kind"] in ("shadowgate", "pingora"):
         rec["rss_hwm_kb"] = status_kb(pids[0], "VmHWM")
     if sg0 is not None and sg1 is not None:
         rec["sg_mirror"] = diff_counters(sg0, sg1)
@@ -406,9 +409,9 @@ def measure(m, scenario, name, repeat, state, warmup=False):
 
 def scenarios(P):
     s = [
-        {"id": "get_c1", "kind": "closed", "conns": 1, "targets": MAIN},
-        {"id": "get_c16", "kind": "closed", "conns": 16, "targets": MAIN},
-        {"id": "get_c64", "kind": "closed", "conns": 64, "targets": MAIN},
+        {"id": "get_c1", "kind": "closed", "conns": 1, "targets": GET},
+        {"id": "get_c16", "kind": "closed", "conns": 16, "targets": GET},
+        {"id": "get_c64", "kind": "closed", "conns": 64, "targets": GET},
         {"id": "latency", "kind": "rate", "conns": P["latency_conns"], "rate": P["rate"], "targets": LATENCY},
         {"id": "slow_shadow", "kind": "rate", "conns": P["slow_conns"], "rate": P["slow_rate"],
          "targets": SLOW, "drain_s": P["slow_delay_ms"] / 1000.0 + 0.3},
