@@ -4,7 +4,9 @@
 //! Pingora's own HTTP/1 loop applies its keep-alive timeout to each `read()` of the header, so a
 //! client sending a byte now and then holds a connection for ever. This app runs that loop
 //! itself: it waits for the next request with the keep-alive timeout, then races the request
-//! against a deadline that `early_request_filter` disarms once the header is in.
+//! against a deadline that `early_request_filter` disarms once the header is in. On an h2c
+//! port the first bytes decide, within the same deadline: the HTTP/2 preface goes to Pingora,
+//! anything else to this loop.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -279,6 +281,22 @@ impl ClientGate {
     }
 }
 
+/// What a client with prior knowledge of HTTP/2 sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a cleartext client opens with the HTTP/2 preface. Peeks only as far as it
+/// takes to tell: an HTTP/1 request differs within its first 3 bytes, so a request
+/// shorter than the preface is not kept waiting. The bytes stay for the parser.
+async fn opens_with_h2_preface(stream: &mut Stream) -> std::io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    for len in [1, 3, H2_PREFACE.len()] {
+        if !stream.try_peek(&mut buf[..len]).await? || buf[..len] != H2_PREFACE[..len] {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Wait for the first byte of the next request on a kept-alive connection: `false` when the
 /// client stays idle past the keep-alive timeout, closes, or the server is shutting down.
 async fn next_request_arrives(
@@ -387,11 +405,30 @@ impl ServerApp for ClientGate {
                 return None;
             }
         };
-        let h2c = self.proxy.server_options().is_some_and(|o| o.h2c);
-        if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // HTTP/2 is served by Pingora (its own idle and stream limits); the
-            // connection caps still apply. HTTP/1 over TLS gets the loop below.
+        // HTTP/2 is served by Pingora (its own idle and stream limits); the
+        // connection caps still apply. HTTP/1, over TLS or cleartext, with or
+        // without h2c on the port, gets the loop below.
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.proxy.process_new(stream, shutdown).await;
+        }
+        let mut stream = stream;
+        let h2c = self.proxy.server_options().is_some_and(|o| o.h2c);
+        if h2c && stream.get_ssl_digest().is_none() {
+            let limit = listener.limits.header_timeout();
+            match tokio::time::timeout(limit, opens_with_h2_preface(&mut stream)).await {
+                // Pingora peeks again and finds the preface in the rewound bytes.
+                Ok(Ok(true)) => return self.proxy.process_new(stream, shutdown).await,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    debug!("connection closed before its first request: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    debug!("no request within {limit:?} on an h2c listener: closing");
+                    listener.metrics.header_timeouts.inc();
+                    return None;
+                }
+            }
         }
         self.serve_http1(listener, stream, shutdown).await;
         None

@@ -447,3 +447,71 @@ async fn open_connection_gauge_counts_down_to_zero() {
     drop(stream);
     wait_for_open(&proxy, 0.0).await;
 }
+
+#[tokio::test]
+async fn http1_on_an_h2c_listener_gets_the_same_limits() {
+    let origin = Origin::start(OriginOptions::named("app")).await;
+    let proxy = Proxy::start_with_listener(
+        "    h2c: true\n    client: { header_timeout_ms: 1000 }",
+        &format!(
+            "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
+            pool("app", &[origin.addr], "")
+        ),
+    )
+    .await;
+    let listener = proxy.addr.to_string();
+    let timeouts = || async {
+        proxy
+            .metric(
+                "shadowgate_client_header_timeouts_total",
+                &[("listener", &listener)],
+            )
+            .await
+    };
+    let before = timeouts().await;
+
+    // A request shorter than the HTTP/2 preface is answered at once, not held
+    // until 24 bytes arrive.
+    let mut short = TcpStream::connect(proxy.addr).await.expect("connect");
+    short
+        .write_all(b"GET /s HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let answered = tokio::time::timeout(Duration::from_millis(900), read_response(&mut short))
+        .await
+        .expect("a short HTTP/1.0 request waited for more bytes");
+    let (head, _) = answered.expect("response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // A client that stops inside the HTTP/2 preface, and one that never finishes
+    // its HTTP/1 header, are closed at the header deadline, as on any listener.
+    // (A client that sends nothing at all is held by the kernel: TCP_DEFER_ACCEPT.)
+    let mut stalled = TcpStream::connect(proxy.addr).await.expect("connect");
+    stalled.write_all(b"PRI * HTTP/2").await.expect("write");
+    let mut slow = TcpStream::connect(proxy.addr).await.expect("connect");
+    slow.write_all(b"GET /slow HTTP/1.1\r\nX-Slow: a")
+        .await
+        .expect("write");
+    for (what, stream) in [("stalled preface", &mut stalled), ("slow", &mut slow)] {
+        let took = time_to_close(stream, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("the {what} connection was never closed"));
+        assert!(
+            took < Duration::from_millis(3000),
+            "{what} connection closed after {took:?}, header_timeout_ms is 1000"
+        );
+    }
+    proxy
+        .wait_for_metric(
+            "shadowgate_client_header_timeouts_total",
+            &[("listener", &listener)],
+            |v| v == before + 2.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        origin.count(),
+        1,
+        "only the complete request reached the origin"
+    );
+}
