@@ -15,9 +15,14 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// A proxy in front of one recording origin, with these client limits.
 async fn proxy_with_client(client: &str) -> (Proxy, Origin) {
+    proxy_with_listener(&format!("    client: {client}")).await
+}
+
+/// A proxy in front of one recording origin, with these listener settings.
+async fn proxy_with_listener(listener_extra: &str) -> (Proxy, Origin) {
     let origin = Origin::start(OriginOptions::named("app")).await;
-    let proxy = Proxy::start_with_client(
-        client,
+    let proxy = Proxy::start_with_listener(
+        listener_extra,
         &format!(
             "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
             pool("app", &[origin.addr], "")
@@ -450,15 +455,8 @@ async fn open_connection_gauge_counts_down_to_zero() {
 
 #[tokio::test]
 async fn http1_on_an_h2c_listener_gets_the_same_limits() {
-    let origin = Origin::start(OriginOptions::named("app")).await;
-    let proxy = Proxy::start_with_listener(
-        "    h2c: true\n    client: { header_timeout_ms: 1000 }",
-        &format!(
-            "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-            pool("app", &[origin.addr], "")
-        ),
-    )
-    .await;
+    let (proxy, origin) =
+        proxy_with_listener("    h2c: true\n    client: { header_timeout_ms: 1000 }").await;
     let listener = proxy.addr.to_string();
     let timeouts = || async {
         proxy
