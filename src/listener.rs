@@ -140,6 +140,20 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// The address a per-IP cap counts: an IPv4 address as it is (also when it arrives
+/// IPv4-mapped on a dual-stack socket), an IPv6 address by its /64 prefix, since one
+/// IPv6 client usually holds a whole /64 and could otherwise open the cap's worth of
+/// connections from every address in it.
+fn per_client(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The counts stay consistent even if a holder panicked: each update is one step.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -151,6 +165,7 @@ impl ListenerState {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::Total);
         }
+        let ip = ip.map(per_client);
         if let Some(ip) = ip {
             let mut per_ip = lock(&self.open_per_ip);
             let n = per_ip.entry(ip).or_insert(0);
@@ -480,6 +495,24 @@ mod tests {
         assert_eq!(l.open.load(Ordering::Relaxed), 2);
         let _a3 = l.admit(Some(a)).unwrap();
         assert_eq!(lock(&l.open_per_ip).get(&a), Some(&2));
+    }
+
+    #[test]
+    fn ipv6_clients_are_capped_per_64_and_mapped_ipv4_as_ipv4() {
+        let l = listener("[::]:1", 10, 2);
+        let host = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let a = l.admit(host("2001:db8:1:2::1")).unwrap();
+        let _b = l.admit(host("2001:db8:1:2:ffff::9")).unwrap();
+        assert!(
+            matches!(l.admit(host("2001:db8:1:2::77")), Err(Refusal::PerIp)),
+            "a third address of the same /64 is over the cap of 2"
+        );
+        let _other = l.admit(host("2001:db8:1:3::1")).unwrap();
+        let _v4 = l.admit(host("192.0.2.7")).unwrap();
+        let _mapped = l.admit(host("::ffff:192.0.2.7")).unwrap();
+        assert!(matches!(l.admit(host("192.0.2.7")), Err(Refusal::PerIp)));
+        drop(a);
+        let _again = l.admit(host("2001:db8:1:2::77")).unwrap();
     }
 
     #[test]
