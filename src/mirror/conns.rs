@@ -51,7 +51,8 @@ impl ShadowConnections {
                 return Ok((idle.stream, true));
             }
         }
-        Ok((self.transport.new_stream(peer).await?, false))
+        // Boxed: connecting is the rare path and its future is large.
+        Ok((Box::pin(self.transport.new_stream(peer)).await?, false))
     }
 
     /// Keep `stream` for the next exchange with `addr`, if there is room.

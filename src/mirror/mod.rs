@@ -272,7 +272,7 @@ impl Mirror {
             .pool
             .select(key.as_deref().unwrap_or_default(), &[], &[])
             .ok_or(AbandonReason::NoHealthyBackend)?;
-        let peer = self.pool.peer(addr);
+        let peer = Box::new(self.pool.peer(addr));
 
         let header = Some(Box::new(self.shadow_header(primary, body)));
         if body == RequestBody::Empty {
