@@ -395,7 +395,7 @@ async fn refuse(mut stream: Stream, why: Refusal) {
 impl ServerApp for ClientGate {
     async fn process_new(
         self: &Arc<Self>,
-        stream: Stream,
+        mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let Some(listener) = self.listener_of(&stream) else {
@@ -426,7 +426,6 @@ impl ServerApp for ClientGate {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.proxy.process_new(stream, shutdown).await;
         }
-        let mut stream = stream;
         let h2c = self.proxy.server_options().is_some_and(|o| o.h2c);
         if h2c && stream.get_ssl_digest().is_none() {
             let limit = listener.limits.header_timeout();

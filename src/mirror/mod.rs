@@ -275,55 +275,45 @@ impl Mirror {
         let peer = Box::new(self.pool.peer(addr));
 
         let header = Some(Box::new(self.shadow_header(primary, body)));
-        if body == RequestBody::Empty {
-            // Nothing will follow the header: no body queue, and nothing for the
-            // primary side to abort (an HTTP/2 upstream may not even call the body
-            // filter for an empty body). The shadow runs on its own from here.
-            self.runtime.executor.spawn(
-                ShadowSession {
-                    header,
-                    peer,
-                    addr,
-                    body: None,
-                    mirror: self.clone(),
-                    capture,
-                    captured: None,
-                    _permit: permit,
-                }
-                .run(),
-            );
-            return Ok(None);
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let abort = Arc::new(AbortSignal::default());
-        let account = Arc::new(QueueAccount::new(
-            self.queue_bytes,
-            self.runtime.budget.clone(),
-        ));
+        // A bodiless request needs no body queue and gives the primary side nothing
+        // to abort (an HTTP/2 upstream may not even call the body filter for an
+        // empty body): its shadow runs on its own from the start, with no tap.
+        let (feed, tap) = if body == RequestBody::Empty {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let abort = Arc::new(AbortSignal::default());
+            let feed = BodyFeed {
+                inbox: rx,
+                abort: abort.clone(),
+            };
+            let tap = Tap {
+                mirror: self.clone(),
+                tx,
+                abort,
+                account: Arc::new(QueueAccount::new(
+                    self.queue_bytes,
+                    self.runtime.budget.clone(),
+                )),
+                delivered: 0,
+                open: true,
+                slot: 0,
+                abandoned: None,
+            };
+            (Some(feed), Some(tap))
+        };
         let session = ShadowSession {
             header,
             peer,
             addr,
-            body: Some(BodyFeed {
-                inbox: rx,
-                abort: abort.clone(),
-            }),
+            body: feed,
             mirror: self.clone(),
             capture,
             captured: None,
             _permit: permit,
         };
         self.runtime.executor.spawn(session.run());
-        Ok(Some(Tap {
-            mirror: self.clone(),
-            tx,
-            abort,
-            account,
-            delivered: 0,
-            open: true,
-            slot: 0,
-            abandoned: None,
-        }))
+        Ok(tap)
     }
 
     /// The request as the shadow sees it: exactly the header sent to the primary

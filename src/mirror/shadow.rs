@@ -391,6 +391,7 @@ impl Conn {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
