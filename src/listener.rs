@@ -23,6 +23,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
 use pingora_proxy::{HttpProxy, Session};
+use pingora_timeout::fast_timeout::{fast_sleep, fast_timeout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ListenerConfig;
@@ -325,7 +326,7 @@ async fn next_request_arrives(
     let mut first_byte = [0u8; 1];
     tokio::select! {
         // `try_peek` reads one byte and puts it back for the header parser.
-        peeked = tokio::time::timeout(keepalive, stream.try_peek(&mut first_byte)) => {
+        peeked = fast_timeout(keepalive, stream.try_peek(&mut first_byte)) => {
             matches!(peeked, Ok(Ok(true)))
         }
         _ = shutting_down(shutdown) => false,
@@ -342,8 +343,13 @@ async fn shutting_down(shutdown: &ShutdownWatch) {
 }
 
 /// Resolves when the header has not arrived within `limit`; never once it has.
+///
+/// The per-request deadlines here use Pingora's shared timers (10 ms ticks, one per tick
+/// for all connections), not tokio's: a tokio timer earlier than the runtime's next
+/// wake-up makes tokio wake its own thread with an eventfd write, which these short,
+/// per-request deadlines did about once in three requests.
 async fn header_deadline(state: &RequestState, limit: Duration) {
-    tokio::time::sleep(limit).await;
+    fast_sleep(limit).await;
     if state.header_received.load(Ordering::Relaxed) {
         std::future::pending::<()>().await;
     }

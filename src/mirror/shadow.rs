@@ -118,8 +118,17 @@ impl ShadowSession {
             _ => Default::default(),
         };
         mirror.metrics.in_flight.inc();
+        // Pingora's shared 10 ms timers, not tokio's: a shadow's deadline is usually the
+        // earliest timer in the process, and registering one earlier than the driver's
+        // next wake-up makes tokio wake its own thread through an eventfd write, once
+        // per shadow (measured: 0.7 extra syscalls per mirrored request).
         let exchange = async {
-            match tokio::time::timeout(mirror.timeout, self.exchange(started)).await {
+            match pingora_timeout::fast_timeout::fast_timeout(
+                mirror.timeout,
+                self.exchange(started),
+            )
+            .await
+            {
                 Ok(outcome) => outcome,
                 Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
             }
