@@ -144,6 +144,41 @@ async fn idle_time_between_requests_is_not_header_time() {
 }
 
 #[tokio::test]
+async fn each_request_gets_its_own_full_deadlines() {
+    // A connection keeps one header clock and one idle clock and moves them later for each
+    // request: every request must get a whole deadline from its own start.
+    let (proxy, _origin) =
+        proxy_with_client("{ header_timeout_ms: 700, keepalive_timeout_ms: 700 }").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    // 2.5 s of requests, far past both first deadlines; each header comes in two halves
+    // 200 ms apart so that its header clock runs, and each waits 300 ms after the last.
+    for i in 0..5 {
+        stream
+            .write_all(b"GET /x HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream
+            .write_all(b"Host: test\r\n\r\n")
+            .await
+            .expect("write");
+        let (head, _) = read_response(&mut stream)
+            .await
+            .unwrap_or_else(|| panic!("request {i}: no response"));
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Idle after the last: closed one keep-alive timeout after its response.
+    let took = time_to_close(&mut stream, WAIT)
+        .await
+        .expect("the idle connection stayed open");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(3000),
+        "closed {took:?} after 300 ms of idling; keepalive_timeout_ms is 700"
+    );
+}
+
+#[tokio::test]
 async fn idle_keepalive_connection_is_closed_after_keepalive_timeout() {
     let (proxy, _origin) = proxy_with_client("{ keepalive_timeout_ms: 500 }").await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
