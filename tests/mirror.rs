@@ -716,6 +716,62 @@ async fn a_shadow_that_answers_garbage_is_counted_and_ignored() {
     assert_eq!(garbage.connections(), 1);
 }
 
+/// A shadow server that reads the second request on its first connection and resets it
+/// without an answer (what a server closing a kept-alive connection just as it is reused
+/// looks like); it answers every other request.
+async fn shadow_closing_on_reuse(mirror: &str) -> (Proxy, Origin, RawOrigin) {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = RawOrigin::start(Misbehavior::ResetReusedMidBody(0)).await;
+    let proxy = Proxy::start(&mirrored(&[primary.addr], &[shadow.addr], mirror)).await;
+    (proxy, primary, shadow)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bodiless_shadow_lost_with_its_reused_connection_is_sent_again_on_a_new_one() {
+    let (proxy, _primary, shadow) = shadow_closing_on_reuse("percentage: 100").await;
+    let client = client();
+    for n in 1..=2 {
+        let (status, origin, body) = get(&client, &proxy.url("/again")).await;
+        assert_eq!((status, origin.as_str()), (200, "primary"), "{body}");
+        // One at a time, so that the second shadow reuses the first one's connection.
+        wait_completed(&proxy, f64::from(n)).await;
+    }
+    assert_eq!(shadow.answered().len(), 2, "both shadow requests answered");
+    assert_eq!(
+        shadow.connections(),
+        2,
+        "the lost one went again on a new connection"
+    );
+    let errors = proxy
+        .metric(
+            "shadowgate_mirror_abandoned_total",
+            &[("route", "api"), ("reason", "upstream_error")],
+        )
+        .await;
+    assert_eq!(errors, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_with_a_body_lost_with_its_reused_connection_is_not_sent_again() {
+    // Its body streamed from the primary's and is gone: it cannot be sent again as it was.
+    let (proxy, _primary, shadow) =
+        shadow_closing_on_reuse("percentage: 100\nmethods: [PUT]").await;
+    let client = client();
+    for _ in 0..2 {
+        let resp = client
+            .put(proxy.url("/put"))
+            .body("twelve bytes")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        wait_idle(&proxy).await;
+    }
+    wait_abandoned(&proxy, "upstream_error", 1.0).await;
+    assert_eq!(shadow.answered().len(), 1);
+    assert_eq!(shadow.connections(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_past_its_timeout_is_abandoned() {
     let (proxy, _primary, _shadow) = mirror_setup_with(

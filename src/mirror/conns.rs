@@ -51,8 +51,13 @@ impl ShadowConnections {
                 return Ok((idle.stream, true));
             }
         }
+        Ok((self.connect(peer).await?, false))
+    }
+
+    /// A new connection to `peer`.
+    pub async fn connect(&self, peer: &HttpPeer) -> Result<Stream> {
         // Boxed: connecting is the rare path and its future is large.
-        Ok((Box::pin(self.transport.new_stream(peer)).await?, false))
+        Box::pin(self.transport.new_stream(peer)).await
     }
 
     /// Keep `stream` for the next exchange with `addr`, if there is room.

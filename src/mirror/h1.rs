@@ -46,6 +46,21 @@ impl fmt::Display for H1Error {
     }
 }
 
+impl H1Error {
+    /// The connection is gone: closed or reset by the server.
+    fn is_connection_lost(&self) -> bool {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        match self {
+            H1Error::Closed => true,
+            H1Error::Io(e) => matches!(
+                e.kind(),
+                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+            ),
+            H1Error::Malformed(_) => false,
+        }
+    }
+}
+
 impl From<std::io::Error> for H1Error {
     fn from(e: std::io::Error) -> Self {
         H1Error::Io(e)
@@ -53,6 +68,14 @@ impl From<std::io::Error> for H1Error {
 }
 
 type Result<T> = std::result::Result<T, H1Error>;
+
+/// A request header that could not be written.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: H1Error,
+    /// The server had closed this kept-alive connection as it was reused.
+    pub lost_reused_connection: bool,
+}
 
 /// How the request body goes on the wire, read from the header we sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,14 +116,34 @@ pub struct ShadowH1 {
     buf: BytesMut,
     /// Cleared by anything that makes the connection unfit for another request.
     reusable: bool,
+    /// Taken from the idle connections rather than opened for this request.
+    reused: bool,
+    /// Some of the response has arrived.
+    answered: bool,
 }
 
 impl ShadowH1 {
-    /// Write the request header.
-    pub async fn send_header(mut stream: Stream, header: &RequestHeader) -> Result<Self> {
-        let wire = http_req_header_to_wire(header).ok_or(H1Error::Malformed("request line"))?;
-        stream.write_all(&wire).await?;
-        stream.flush().await?;
+    /// Write the request header; `reused` says whether `stream` served a request before.
+    pub async fn send_header(
+        mut stream: Stream,
+        header: &RequestHeader,
+        reused: bool,
+    ) -> std::result::Result<Self, SendError> {
+        let wire = http_req_header_to_wire(header).ok_or(SendError {
+            error: H1Error::Malformed("request line"),
+            lost_reused_connection: false,
+        })?;
+        let sent = async {
+            stream.write_all(&wire).await?;
+            stream.flush().await
+        };
+        if let Err(e) = sent.await {
+            let error = H1Error::Io(e);
+            return Err(SendError {
+                lost_reused_connection: reused && error.is_connection_lost(),
+                error,
+            });
+        }
         Ok(ShadowH1 {
             stream,
             framing: request_framing(&header.headers),
@@ -110,7 +153,15 @@ impl ShadowH1 {
                 .get_all(CONNECTION)
                 .iter()
                 .any(|v| has_token(v.as_bytes(), b"close")),
+            reused,
+            answered: false,
         })
+    }
+
+    /// Whether `error` means the server had closed this kept-alive connection as it was
+    /// reused: it answered nothing, and the request may be sent again on a new one.
+    pub fn lost_reused_connection(&self, error: &H1Error) -> bool {
+        self.reused && !self.answered && error.is_connection_lost()
     }
 
     /// Write one piece of the body, framed.
@@ -306,7 +357,9 @@ impl ShadowH1 {
 
     async fn fill(&mut self) -> Result<usize> {
         self.buf.reserve(READ_SIZE);
-        Ok(self.stream.read_buf(&mut self.buf).await?)
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        self.answered |= n > 0;
+        Ok(n)
     }
 
     async fn fill_or_closed(&mut self) -> Result<()> {
@@ -584,7 +637,7 @@ mod tests {
         if !body.is_empty() {
             req.insert_header("transfer-encoding", "chunked").unwrap();
         }
-        let mut h1 = ShadowH1::send_header(stream, &req).await.unwrap();
+        let mut h1 = ShadowH1::send_header(stream, &req, false).await.unwrap();
         for piece in body {
             h1.send_body(piece).await.unwrap();
         }

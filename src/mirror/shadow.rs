@@ -192,9 +192,23 @@ impl ShadowSession {
         };
         // A response to HEAD has no body, whatever its framing headers say.
         let is_head = header.method == http::Method::HEAD;
-        let mut conn = match self.open(header).await {
-            Ok(conn) => conn,
-            Err(reason) => return Outcome::Abandoned(reason),
+        // A server may close a kept-alive connection just as it is reused. The request
+        // then goes once more, on a new connection, when it can be sent again exactly as
+        // it was: no body, an idempotent method (as Pingora and NGINX retry upstreams).
+        let may_resend = self.body.is_none() && header.method.is_idempotent();
+        let (mut conn, resend) = if self.mirror.pool.is_h2() {
+            match self.open_h2(header).await {
+                Ok(conn) => (conn, None),
+                Err(reason) => return Outcome::Abandoned(reason),
+            }
+        } else {
+            match self.open_h1(&header, true).await {
+                Ok(conn) => (conn, may_resend.then_some(header)),
+                Err(OpenError::LostReusedConnection) if may_resend => {
+                    return Box::pin(self.resend(&header, is_head, started)).await;
+                }
+                Err(e) => return Outcome::Abandoned(e.reason()),
+            }
         };
         while let Some(feed) = &mut self.body {
             match feed.inbox.recv().await {
@@ -219,16 +233,53 @@ impl ShadowSession {
             debug!("shadow body end to {} failed: {e}", self.peer);
             return Outcome::Abandoned(UpstreamError);
         }
-        // Read the whole response so the connection can be used again. The capture
-        // is boxed (compared shadows only): it is large and travels through the read futures.
-        let capturer = self.capture.as_ref().map(|sink| {
+        let result = self
+            .read_response(conn, is_head, self.capturer(started))
+            .await;
+        match (result, resend) {
+            (Err(e), Some(header)) if e.lost_reused_connection => {
+                Box::pin(self.resend(&header, is_head, started)).await
+            }
+            (result, _) => self.outcome(result),
+        }
+    }
+
+    /// Send a bodiless request again on a new connection, after its server closed the
+    /// kept-alive one it went on before answering anything (the rare path: boxed).
+    async fn resend(&mut self, header: &RequestHeader, is_head: bool, started: Instant) -> Outcome {
+        debug!(
+            "shadow connection to {} was closed by the server as it was reused: sending again on a new one",
+            self.peer
+        );
+        let mut conn = match self.open_h1(header, false).await {
+            Ok(conn) => conn,
+            Err(e) => return Outcome::Abandoned(e.reason()),
+        };
+        if let Err(e) = conn.finish_body().await {
+            debug!("shadow body end to {} failed: {e}", self.peer);
+            return Outcome::Abandoned(AbandonReason::UpstreamError);
+        }
+        let result = self
+            .read_response(conn, is_head, self.capturer(started))
+            .await;
+        self.outcome(result)
+    }
+
+    /// The capture of a compared shadow's response (boxed: it is large and travels
+    /// through the read futures).
+    fn capturer(&self, started: Instant) -> Option<Box<Capturer>> {
+        self.capture.as_ref().map(|sink| {
             Box::new(Capturer::new(
                 sink.cap,
                 self.mirror.runtime.budget.clone(),
                 started,
             ))
-        });
-        match self.read_response(conn, is_head, capturer).await {
+        })
+    }
+
+    /// How an exchange ended, from its response (and keep the capture of a compared one).
+    fn outcome(&mut self, result: Result<(u16, Option<Box<Capturer>>), ReadError>) -> Outcome {
+        match result {
             Ok((status, capturer)) => {
                 if let Some(mut capturer) = capturer {
                     capturer.end();
@@ -237,50 +288,58 @@ impl ShadowSession {
                 Outcome::Completed { status }
             }
             Err(e) => {
-                debug!("shadow response from {} failed: {e}", self.peer);
-                Outcome::Abandoned(UpstreamError)
+                debug!("shadow response from {} failed: {}", self.peer, e.message);
+                Outcome::Abandoned(AbandonReason::UpstreamError)
             }
         }
     }
 
-    /// Connect to the shadow server and send the request header: over one of the
-    /// mirror's own idle HTTP/1 connections, or Pingora's HTTP/2 session pool.
-    async fn open(&self, header: Box<RequestHeader>) -> Result<Conn, AbandonReason> {
-        use AbandonReason::{ConnectError, UpstreamError};
-        let runtime = &self.mirror.runtime;
-        if self.mirror.pool.is_h2() {
-            // Boxed, like every connect below: these futures are large and would
-            // otherwise make every shadow task (and its spawn copy) as large.
-            let connecting = Box::pin(runtime.connector.get_http_session(&*self.peer));
-            let mut session = match connecting.await {
-                Ok((session, _reused)) => session,
-                Err(e) => {
-                    debug!("shadow connect to {} failed: {e}", self.peer);
-                    return Err(ConnectError);
-                }
-            };
-            if let Err(e) = session.write_request_header(header).await {
-                debug!("shadow request header to {} failed: {e}", self.peer);
-                return Err(UpstreamError);
-            }
-            return Ok(Conn::H2(Box::new(session)));
-        }
-        let stream = match runtime
-            .connections
-            .get(&self.peer, self.addr, self.peer.idle_timeout())
-            .await
-        {
-            Ok((stream, _reused)) => stream,
+    /// Open an HTTP/2 stream to the shadow server (Pingora's session pool) and send the
+    /// request header.
+    async fn open_h2(&self, header: Box<RequestHeader>) -> Result<Conn, AbandonReason> {
+        // Boxed, like every connect below: these futures are large and would
+        // otherwise make every shadow task (and its spawn copy) as large.
+        let connecting = Box::pin(self.mirror.runtime.connector.get_http_session(&*self.peer));
+        let mut session = match connecting.await {
+            Ok((session, _reused)) => session,
             Err(e) => {
                 debug!("shadow connect to {} failed: {e}", self.peer);
-                return Err(ConnectError);
+                return Err(AbandonReason::ConnectError);
             }
         };
-        match ShadowH1::send_header(stream, &header).await {
+        if let Err(e) = session.write_request_header(header).await {
+            debug!("shadow request header to {} failed: {e}", self.peer);
+            return Err(AbandonReason::UpstreamError);
+        }
+        Ok(Conn::H2(Box::new(session)))
+    }
+
+    /// Send the request header over one of the mirror's own idle HTTP/1 connections to
+    /// the shadow server (when `may_reuse`) or a new one.
+    async fn open_h1(&self, header: &RequestHeader, may_reuse: bool) -> Result<Conn, OpenError> {
+        let connections = &self.mirror.runtime.connections;
+        let idle_timeout = self.peer.idle_timeout();
+        let opened = if may_reuse {
+            connections.get(&self.peer, self.addr, idle_timeout).await
+        } else {
+            connections.connect(&self.peer).await.map(|s| (s, false))
+        };
+        let (stream, reused) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                debug!("shadow connect to {} failed: {e}", self.peer);
+                return Err(OpenError::Failed(AbandonReason::ConnectError));
+            }
+        };
+        match ShadowH1::send_header(stream, header, reused).await {
             Ok(h1) => Ok(Conn::H1(h1)),
             Err(e) => {
-                debug!("shadow request header to {} failed: {e}", self.peer);
-                Err(UpstreamError)
+                debug!("shadow request header to {} failed: {}", self.peer, e.error);
+                Err(if e.lost_reused_connection {
+                    OpenError::LostReusedConnection
+                } else {
+                    OpenError::Failed(AbandonReason::UpstreamError)
+                })
             }
         }
     }
@@ -292,27 +351,34 @@ impl ShadowSession {
         conn: Conn,
         is_head: bool,
         mut capturer: Option<Box<Capturer>>,
-    ) -> Result<(u16, Option<Box<Capturer>>), String> {
+    ) -> Result<(u16, Option<Box<Capturer>>), ReadError> {
         let runtime = &self.mirror.runtime;
         match conn {
             Conn::H1(mut h1) => {
-                let head = h1
-                    .read_head(is_head, capturer.is_some())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let head = match h1.read_head(is_head, capturer.is_some()).await {
+                    Ok(head) => head,
+                    Err(e) => {
+                        return Err(ReadError {
+                            lost_reused_connection: h1.lost_reused_connection(&e),
+                            message: e.to_string(),
+                        });
+                    }
+                };
                 if let Some(capturer) = &mut capturer {
                     capturer.header(head.status, &head.headers);
                 }
                 h1.read_body(head.body, capturer.as_deref_mut())
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ReadError::other)?;
                 if let Some(stream) = h1.into_reusable() {
                     runtime.connections.put(self.addr, stream);
                 }
                 Ok((head.status, capturer))
             }
             // Boxed: Pingora's HTTP/2 client futures are large.
-            Conn::H2(session) => Box::pin(self.read_h2_response(*session, is_head, capturer)).await,
+            Conn::H2(session) => Box::pin(self.read_h2_response(*session, is_head, capturer))
+                .await
+                .map_err(ReadError::other),
         }
     }
 
@@ -358,6 +424,38 @@ impl ShadowSession {
             .release_http_session(session, &*self.peer, self.peer.idle_timeout())
             .await;
         Ok((status, capturer))
+    }
+}
+
+/// Why a request header could not go out on an HTTP/1 connection.
+enum OpenError {
+    /// The server had closed the kept-alive connection as it was reused.
+    LostReusedConnection,
+    Failed(AbandonReason),
+}
+
+impl OpenError {
+    fn reason(&self) -> AbandonReason {
+        match self {
+            OpenError::LostReusedConnection => AbandonReason::UpstreamError,
+            OpenError::Failed(reason) => *reason,
+        }
+    }
+}
+
+/// Why a response could not be read.
+struct ReadError {
+    message: String,
+    /// The server had closed the kept-alive connection as it was reused, answering nothing.
+    lost_reused_connection: bool,
+}
+
+impl ReadError {
+    fn other(error: impl std::fmt::Display) -> Self {
+        ReadError {
+            message: error.to_string(),
+            lost_reused_connection: false,
+        }
     }
 }
 
