@@ -37,6 +37,7 @@ pub struct Metrics {
     mirror_completed: IntCounterVec,
     mirror_abandoned: IntCounterVec,
     mirror_bytes: IntCounterVec,
+    mirror_resent: IntCounterVec,
     mirror_duration: HistogramVec,
     mirror_in_flight: IntGaugeVec,
     /// Shadow bytes queued in the whole process, against `mirror_budget_bytes`.
@@ -119,6 +120,11 @@ impl Metrics {
             mirror_bytes: counter(
                 "shadowgate_mirror_bytes_total",
                 "Request body bytes written to shadow upstreams",
+                &["route", "mirror"],
+            ),
+            mirror_resent: counter(
+                "shadowgate_mirror_resent_total",
+                "Shadow requests sent again on a new connection after the server closed the reused one before answering",
                 &["route", "mirror"],
             ),
             mirror_duration: histogram(
@@ -222,6 +228,7 @@ impl Metrics {
                     .with_label_values(&[route, mirror, r.as_str()])
             }),
             bytes: self.mirror_bytes.with_label_values(&labels),
+            resent: self.mirror_resent.with_label_values(&labels),
             duration: self.mirror_duration.with_label_values(&labels),
             in_flight: self.mirror_in_flight.with_label_values(&labels),
         }
@@ -270,6 +277,7 @@ pub struct MirrorMetrics {
     completed: [IntCounter; 5],
     abandoned: [IntCounter; AbandonReason::ALL.len()],
     pub bytes: IntCounter,
+    pub resent: IntCounter,
     duration: Histogram,
     pub in_flight: IntGauge,
 }

@@ -749,6 +749,10 @@ async fn a_bodiless_shadow_lost_with_its_reused_connection_is_sent_again_on_a_ne
         )
         .await;
     assert_eq!(errors, 0.0);
+    let resent = proxy
+        .metric("shadowgate_mirror_resent_total", &[("route", "api")])
+        .await;
+    assert_eq!(resent, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -770,6 +774,10 @@ async fn a_shadow_with_a_body_lost_with_its_reused_connection_is_not_sent_again(
     wait_abandoned(&proxy, "upstream_error", 1.0).await;
     assert_eq!(shadow.answered().len(), 1);
     assert_eq!(shadow.connections(), 1);
+    let resent = proxy
+        .metric("shadowgate_mirror_resent_total", &[("route", "api")])
+        .await;
+    assert_eq!(resent, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

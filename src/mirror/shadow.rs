@@ -251,6 +251,7 @@ impl ShadowSession {
             "shadow connection to {} was closed by the server as it was reused: sending again on a new one",
             self.peer
         );
+        self.mirror.metrics.resent.inc();
         let mut conn = match self.open_h1(header, false).await {
             Ok(conn) => conn,
             Err(e) => return Outcome::Abandoned(e.reason()),
