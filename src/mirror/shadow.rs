@@ -11,6 +11,7 @@ use log::debug;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
+use pingora_timeout::fast_timeout::fast_timeout;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
@@ -123,12 +124,7 @@ impl ShadowSession {
         // next wake-up makes tokio wake its own thread through an eventfd write, once
         // per shadow (measured: 0.7 extra syscalls per mirrored request).
         let exchange = async {
-            match pingora_timeout::fast_timeout::fast_timeout(
-                mirror.timeout,
-                self.exchange(started),
-            )
-            .await
-            {
+            match fast_timeout(mirror.timeout, self.exchange(started)).await {
                 Ok(outcome) => outcome,
                 Err(_) => Outcome::Abandoned(AbandonReason::Timeout),
             }
