@@ -726,6 +726,13 @@ async fn shadow_closing_on_reuse(mirror: &str) -> (Proxy, Origin, RawOrigin) {
     (proxy, primary, shadow)
 }
 
+/// Shadow requests of route `api` sent again after a lost reused connection.
+async fn resent(proxy: &Proxy) -> f64 {
+    proxy
+        .metric("shadowgate_mirror_resent_total", &[("route", "api")])
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bodiless_shadow_lost_with_its_reused_connection_is_sent_again_on_a_new_one() {
     let (proxy, _primary, shadow) = shadow_closing_on_reuse("percentage: 100").await;
@@ -749,10 +756,7 @@ async fn a_bodiless_shadow_lost_with_its_reused_connection_is_sent_again_on_a_ne
         )
         .await;
     assert_eq!(errors, 0.0);
-    let resent = proxy
-        .metric("shadowgate_mirror_resent_total", &[("route", "api")])
-        .await;
-    assert_eq!(resent, 1.0);
+    assert_eq!(resent(&proxy).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -774,10 +778,7 @@ async fn a_shadow_with_a_body_lost_with_its_reused_connection_is_not_sent_again(
     wait_abandoned(&proxy, "upstream_error", 1.0).await;
     assert_eq!(shadow.answered().len(), 1);
     assert_eq!(shadow.connections(), 1);
-    let resent = proxy
-        .metric("shadowgate_mirror_resent_total", &[("route", "api")])
-        .await;
-    assert_eq!(resent, 0.0);
+    assert_eq!(resent(&proxy).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
