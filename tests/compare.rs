@@ -606,7 +606,7 @@ async fn shadows_that_are_down_slow_or_garbage_are_counted_skips() {
     )
     .await;
     let garbage = RawOrigin::start(Misbehavior::Garbage).await;
-    let down = common::refusing_address().await;
+    let down = common::refusing_address();
     let yaml = format!(
         "upstreams:\n{}{}{}{}{}routes:\n  - name: api\n    upstream: app\n    mirrors:\n\
          \x20     - {{ upstream: down, percentage: 100, compare: {{}} }}\n\

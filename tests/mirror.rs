@@ -458,7 +458,7 @@ async fn expect_100_continue_upload_is_mirrored_without_the_expectation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_primary_still_mirrors_the_body_exactly_once() {
-    let refused = refusing_address().await;
+    let refused = refusing_address();
     let primary = Origin::start(OriginOptions::named("primary")).await;
     let shadow = Origin::start(OriginOptions::named("shadow")).await;
     let proxy = Proxy::start(&mirrored(
@@ -643,7 +643,7 @@ async fn a_slow_shadow_does_not_slow_the_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_that_refuses_connections_is_counted_and_ignored() {
     let primary = Origin::start(OriginOptions::named("primary")).await;
-    let down = refusing_address().await;
+    let down = refusing_address();
     let proxy = Proxy::start(&mirrored(&[primary.addr], &[down], "percentage: 100")).await;
     let client = client();
     for i in 0..5 {
@@ -656,7 +656,7 @@ async fn a_shadow_that_refuses_connections_is_counted_and_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_pool_with_no_healthy_server_is_skipped() {
     let primary = Origin::start(OriginOptions::named("primary")).await;
-    let down = refusing_address().await;
+    let down = refusing_address();
     let proxy = Proxy::start(&mirrored_with(
         &[primary.addr],
         &[down],
@@ -991,7 +991,7 @@ impl RawCountingOrigin {
     async fn start() -> Self {
         let origin = Origin::start(OriginOptions::named("shadow")).await;
         // Front the hyper origin with a counting TCP relay.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = common::ports::listener().await;
         let addr = listener.local_addr().unwrap();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = accepted.clone();

@@ -289,7 +289,7 @@ async fn tcp_health_check_follows_a_server_that_goes_away_and_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connect_is_retried_on_another_server() {
-    let dead = refusing_address().await;
+    let dead = refusing_address();
     let live = Origin::start(OriginOptions::named("live")).await;
     let proxy = proxy_to_pool(&[dead, live.addr], "    connect_retries: 1\n").await;
     let counts = spread(&proxy, 20, None).await;
@@ -298,7 +298,7 @@ async fn a_refused_connect_is_retried_on_another_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_healthy_server_is_a_502() {
-    let dead = refusing_address().await;
+    let dead = refusing_address();
     let proxy = proxy_to_pool(
         &[dead],
         "    health_check: { type: tcp, interval_ms: 100, timeout_ms: 300 }\n",
@@ -321,7 +321,7 @@ async fn no_healthy_server_is_a_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_past_the_retries_are_a_502() {
-    let dead = [refusing_address().await, refusing_address().await];
+    let dead = [refusing_address(), refusing_address()];
     let proxy = proxy_to_pool(&dead, "    connect_retries: 3\n").await;
     let (status, _, _) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 502);

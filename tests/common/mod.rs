@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod origin;
+pub mod ports;
 pub mod proxy;
 pub mod raw_record;
 pub mod tls;
@@ -13,9 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[allow(unused_imports)]
-pub use origin::{
-    Misbehavior, Origin, OriginOptions, RawOrigin, Recorded, Reply, refusing_address, sha256_hex,
-};
+pub use origin::{Misbehavior, Origin, OriginOptions, RawOrigin, Recorded, Reply, sha256_hex};
+#[allow(unused_imports)]
+pub use ports::refusing_address;
 pub use proxy::Proxy;
 
 /// Upper bound for any single wait in a test.

@@ -137,7 +137,7 @@ pub struct Origin {
 
 impl Origin {
     pub async fn start(options: OriginOptions) -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let listener = super::ports::listener().await;
         Self::serve(listener, options)
     }
 
@@ -321,14 +321,6 @@ pub fn sha256_hex(body: &[u8]) -> String {
     hex(&Sha256::digest(body))
 }
 
-/// A loopback address where nothing listens: connects are refused.
-pub async fn refusing_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    drop(listener);
-    addr
-}
-
 /// How a raw origin misbehaves.
 #[derive(Clone, Copy, Debug)]
 pub enum Misbehavior {
@@ -356,7 +348,7 @@ pub struct RawOrigin {
 
 impl RawOrigin {
     pub async fn start(behavior: Misbehavior) -> RawOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = super::ports::listener().await;
         let addr = listener.local_addr().expect("address");
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let answered = Arc::new(Mutex::new(Vec::new()));

@@ -1,7 +1,7 @@
 //! Runs the built `shadowgate` binary on loopback with a test's config, and reads its metrics.
 //! Readiness is a port that accepts; every wait has a deadline.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,24 +11,7 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_shadowgate")
 }
 
-/// A free loopback port. The listener is dropped; the port stays free long enough in practice.
-/// The kernel may hand the same ephemeral port out again at once, so a port this test
-/// process already handed out is never returned twice (a proxy's listener and metrics
-/// ports once collided that way).
-pub fn free_port() -> SocketAddr {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let handed_out = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
-    loop {
-        let listener = StdListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let mut seen = handed_out.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.insert(addr.port()) {
-            return addr;
-        }
-    }
-}
+pub use super::ports::free_port;
 
 /// A temporary directory only this user can enter, as shadowgate requires for its upgrade socket.
 pub fn private_dir() -> tempfile::TempDir {

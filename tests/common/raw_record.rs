@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -198,7 +198,7 @@ pub struct RecordingOrigin {
 
 impl RecordingOrigin {
     pub async fn start(name: &str) -> RecordingOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let listener = super::ports::listener().await;
         let addr = listener.local_addr().expect("origin address");
         let log = Arc::new(Log {
             requests: Mutex::new(Vec::new()),
