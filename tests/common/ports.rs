@@ -20,7 +20,27 @@ fn claim(port: u16) -> bool {
 }
 
 /// A free loopback port for a process to bind later. The probe listener is dropped.
+///
+/// Taken below the kernel's ephemeral range, so that no `connect` or `bind(0)` anywhere on
+/// the machine can take it before the process binds it; the start is spread by pid.
 pub fn free_port() -> SocketAddr {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 20000;
+    if ephemeral_start > LOWEST + 1000 {
+        let span = u32::from(ephemeral_start - LOWEST);
+        let start = std::process::id() * 7919 % span;
+        for step in 0..span {
+            let port = LOWEST + ((start + step) % span) as u16;
+            if let Ok(listener) = StdListener::bind(("127.0.0.1", port))
+                && claim(port)
+            {
+                return listener.local_addr().expect("address");
+            }
+        }
+    }
     loop {
         let listener = StdListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address");
