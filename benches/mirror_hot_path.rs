@@ -115,7 +115,7 @@ routes:
                 None,
                 RequestBody::Streamed,
             );
-            tee.set_primary_header(req.clone());
+            tee.set_primary_header(&req);
             tee.primary_sent();
             // Time the tee calls only; between batches let the shadow drain
             // (unmeasured), so the queue never fills and every call does real work.

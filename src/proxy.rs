@@ -364,7 +364,7 @@ impl ProxyHttp for ShadowGate {
         request::relay_proxy_authorization(session.req_header(), upstream_request);
         request::normalize_upstream(upstream_request);
         if ctx.tee.wants_primary_header() {
-            ctx.tee.set_primary_header(upstream_request.clone());
+            ctx.tee.set_primary_header(upstream_request);
         }
         if let Some(host) = ctx.route.as_ref().and_then(|r| r.upstream_host.clone()) {
             upstream_request.insert_header(http::header::HOST, host)?;

@@ -160,18 +160,6 @@ fn connection_nominates(req: &RequestHeader, name: &str) -> bool {
         .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
 }
 
-/// Give an HTTP/1 request with a body a framing header when it has none, as
-/// Pingora does for the primary after the request filters (a `Connection`
-/// header can nominate `Content-Length` away).
-pub fn frame_h1_body(req: &mut RequestHeader, has_body: bool) {
-    if has_body
-        && !req.headers.contains_key(header::CONTENT_LENGTH)
-        && !req.headers.contains_key(header::TRANSFER_ENCODING)
-    {
-        let _ = req.insert_header(header::TRANSFER_ENCODING, "chunked");
-    }
-}
-
 /// The bytes of the request part that `key` names, if the request has it.
 pub fn key_value<'a>(
     key: &RequestKey,
@@ -289,18 +277,6 @@ mod tests {
         let mut upstream = request(&[]);
         relay_proxy_authorization(&client, &mut upstream);
         assert!(!upstream.headers.contains_key("proxy-authorization"));
-    }
-
-    #[test]
-    fn a_bodied_request_without_framing_is_chunked() {
-        let mut req = request(&[]);
-        frame_h1_body(&mut req, false);
-        assert!(!req.headers.contains_key("transfer-encoding"));
-        frame_h1_body(&mut req, true);
-        assert_eq!(req.headers["transfer-encoding"], "chunked");
-        let mut req = request(&[("content-length", "3")]);
-        frame_h1_body(&mut req, true);
-        assert!(!req.headers.contains_key("transfer-encoding"));
     }
 
     #[test]

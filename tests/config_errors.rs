@@ -638,6 +638,23 @@ fn invalid_mirror_header_edits_are_refused() {
         error.starts_with(r#"routes[0].mirrors[0].request_headers.remove[1]: "bad:name" is not a valid header name"#),
         "{error}"
     );
+    // Framing fields: the shadow's body is framed as the primary's.
+    let error = expect_refused_by_check_and_start(&with_mirror_keys(
+        r#"request_headers: { remove: [cookie, Content-Length] }"#,
+    ));
+    assert!(
+        error.starts_with(r#"routes[0].mirrors[0].request_headers.remove[1]: "content-length" frames the body and cannot be edited"#),
+        "{error}"
+    );
+    let error = expect_refused_by_check_and_start(&with_mirror_keys(
+        r#"request_headers: { set: { transfer-encoding: chunked } }"#,
+    ));
+    assert!(
+        error.starts_with(
+            r#"routes[0].mirrors[0].request_headers.set.transfer-encoding: "transfer-encoding" frames the body"#
+        ),
+        "{error}"
+    );
 }
 
 #[test]

@@ -313,6 +313,30 @@ fn validate_mirror(at: &str, mirror: &MirrorConfig, budget: u64) -> Result<(), C
         )
     })?;
     check_range(&format!("{at}.timeout_ms"), mirror.timeout_ms, 1, 3_600_000)?;
+    // The shadow's body is framed exactly as the primary's: its framing fields are
+    // never edited (a removed Content-Length would let the body be read as a request).
+    let edits = &mirror.request_headers;
+    let removed = edits
+        .remove
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (format!("remove[{i}]"), &name.0));
+    let set = edits
+        .set
+        .0
+        .iter()
+        .map(|(name, _)| (format!("set.{name}"), name));
+    for (key, name) in removed.chain(set) {
+        if *name == http::header::CONTENT_LENGTH || *name == http::header::TRANSFER_ENCODING {
+            return Err(ConfigError::new(
+                format!("{at}.request_headers.{key}"),
+                format!(
+                    "{:?} frames the body and cannot be edited; the shadow's body is framed as the primary's, remove this entry",
+                    name.as_str()
+                ),
+            ));
+        }
+    }
     check_range(
         &format!("{at}.max_in_flight"),
         mirror.max_in_flight as u64,

@@ -4,8 +4,8 @@
 //! buffers) and a body reader for every exchange. A shadow's answer is only
 //! counted, or captured when it is compared, so it is parsed in place with
 //! httparse and its body skipped or handed over as shared slices. The request
-//! header is written by Pingora's own serializer, and the body framed as
-//! Pingora frames it, so the shadow gets the bytes the primary got.
+//! header comes ready for the wire (`wire`), and the body is framed as Pingora
+//! frames it, so the shadow gets the bytes the primary got.
 
 use std::fmt;
 
@@ -13,10 +13,9 @@ use bytes::{Buf, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora_core::protocols::Stream;
-use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
-use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::wire::H1Request;
 use crate::compare::capture::Capturer;
 
 /// A response header larger than this is refused (Pingora's client allows 64 KiB too).
@@ -79,7 +78,7 @@ pub struct SendError {
 
 /// How the request body goes on the wire, read from the header we sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RequestFraming {
+pub enum RequestFraming {
     /// Content-Length (0 when the header has no framing: requests are never
     /// close-delimited); bytes past it are not sent, as Pingora does.
     Length {
@@ -126,15 +125,11 @@ impl ShadowH1 {
     /// Write the request header; `reused` says whether `stream` served a request before.
     pub async fn send_header(
         mut stream: Stream,
-        header: &RequestHeader,
+        request: &H1Request,
         reused: bool,
     ) -> std::result::Result<Self, SendError> {
-        let wire = http_req_header_to_wire(header).ok_or(SendError {
-            error: H1Error::Malformed("request line"),
-            lost_reused_connection: false,
-        })?;
         let sent = async {
-            stream.write_all(&wire).await?;
+            stream.write_all(&request.bytes).await?;
             stream.flush().await
         };
         if let Err(e) = sent.await {
@@ -146,13 +141,9 @@ impl ShadowH1 {
         }
         Ok(ShadowH1 {
             stream,
-            framing: request_framing(&header.headers),
+            framing: request.framing,
             buf: BytesMut::new(),
-            reusable: !header
-                .headers
-                .get_all(CONNECTION)
-                .iter()
-                .any(|v| has_token(v.as_bytes(), b"close")),
+            reusable: request.keep_alive,
             reused,
             answered: false,
         })
@@ -370,7 +361,7 @@ impl ShadowH1 {
     }
 }
 
-fn request_framing(headers: &HeaderMap) -> RequestFraming {
+pub fn request_framing(headers: &HeaderMap) -> RequestFraming {
     let last_coding = headers.get_all(TRANSFER_ENCODING).iter().next_back();
     if last_coding.is_some_and(|v| is_chunked(v.as_bytes())) {
         return RequestFraming::Chunked;
@@ -493,7 +484,7 @@ fn is_chunked(value: &[u8]) -> bool {
         .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+pub fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|b| *b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
@@ -502,6 +493,7 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_http::RequestHeader;
 
     fn head(raw: &str, is_head: bool) -> ResponseHead {
         let (len, head) = parse_head(raw.as_bytes(), is_head, true).unwrap().unwrap();
@@ -637,7 +629,10 @@ mod tests {
         if !body.is_empty() {
             req.insert_header("transfer-encoding", "chunked").unwrap();
         }
-        let mut h1 = ShadowH1::send_header(stream, &req, false).await.unwrap();
+        let wire = crate::mirror::wire::ShadowEdits::default()
+            .h1_request(&req, !body.is_empty())
+            .unwrap();
+        let mut h1 = ShadowH1::send_header(stream, &wire, false).await.unwrap();
         for piece in body {
             h1.send_body(piece).await.unwrap();
         }

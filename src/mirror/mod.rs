@@ -7,7 +7,9 @@ pub mod executor;
 mod h1;
 pub mod sampler;
 pub mod shadow;
+mod wire;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +30,8 @@ use crate::upstream::Pool;
 use budget::{ByteBudget, QueueAccount};
 use executor::ShadowExecutor;
 use sampler::Sampler;
-use shadow::{AbortSignal, BodyFeed, CaptureSink, ShadowMsg, ShadowSession};
+use shadow::{AbortSignal, BodyFeed, CaptureSink, ShadowMsg, ShadowRequest, ShadowSession};
+use wire::{H1Request, ShadowEdits};
 
 /// Why a request was not mirrored, or why a shadow request was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +150,8 @@ pub struct Mirror {
     remove_headers: Vec<HeaderName>,
     host: Option<HeaderValue>,
     mark_header: bool,
+    /// The same edits, resolved for writing an HTTP/1 shadow header directly.
+    edits: ShadowEdits,
     metrics: MirrorMetrics,
     runtime: Arc<MirrorRuntime>,
     /// Shadow verdicts, when the mirror has a `compare` section.
@@ -192,12 +197,20 @@ impl Mirror {
         runtime: Arc<MirrorRuntime>,
     ) -> Self {
         // Names, values and host were parsed into header types when the config was loaded.
-        let remove_headers = config
+        let remove_headers: Vec<HeaderName> = config
             .request_headers
             .remove
             .iter()
             .map(|name| name.0.clone())
             .collect();
+        let set_headers = config.request_headers.set.0.clone();
+        let host = config.host.as_ref().map(|h| h.header_value().clone());
+        let edits = ShadowEdits::new(
+            &remove_headers,
+            &set_headers,
+            host.as_ref(),
+            config.mark_header,
+        );
         Mirror {
             route: route.to_string(),
             sampler: Sampler::new(config.percentage.basis_points),
@@ -207,10 +220,11 @@ impl Mirror {
             queue_bytes: config.queue_bytes,
             timeout: Duration::from_millis(config.timeout_ms),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight as usize)),
-            set_headers: config.request_headers.set.0.clone(),
+            set_headers,
             remove_headers,
-            host: config.host.as_ref().map(|h| h.header_value().clone()),
+            host,
             mark_header: config.mark_header,
+            edits,
             metrics: metrics.mirror(route, &pool.name),
             pool,
             runtime,
@@ -245,12 +259,45 @@ impl Mirror {
         sampled
     }
 
+    /// Whether this mirror's shadow is written straight from the primary's header,
+    /// with no copy of it: an HTTP/1 pool, and no comparison (which keeps the header).
+    fn writes_from_primary(&self) -> bool {
+        !self.pool.is_h2() && self.compare.is_none()
+    }
+
+    /// The bytes a shadow server is chosen by (`consistent_hash` pools), if any.
+    fn selection_key<'a>(
+        &self,
+        primary: &'a RequestHeader,
+        client_ip: Option<IpAddr>,
+    ) -> Option<Cow<'a, [u8]>> {
+        self.pool
+            .hash_key()
+            .and_then(|k| request::key_value(k, primary, client_ip))
+    }
+
+    /// The shadow's HTTP/1 header, written from the primary's with this mirror's edits.
+    fn h1_request(&self, primary: &RequestHeader, body: RequestBody) -> Option<H1Request> {
+        self.edits.h1_request(primary, body != RequestBody::Empty)
+    }
+
+    /// What the shadow sends, from a copy of the primary's header.
+    fn request_from(&self, primary: RequestHeader, body: RequestBody) -> Option<ShadowRequest> {
+        if self.pool.is_h2() {
+            Some(ShadowRequest::H2(Box::new(self.shadow_header(primary))))
+        } else {
+            self.h1_request(&primary, body)
+                .map(|r| ShadowRequest::H1(Box::new(r)))
+        }
+    }
+
     /// Start a shadow session for this request, or say why not. The tap that feeds
-    /// it the body comes back, or none for a bodiless request.
+    /// it the body comes back, or none for a bodiless request. `request` is None
+    /// when the shadow's header could not be written.
     fn start(
         self: &Arc<Self>,
-        primary: RequestHeader,
-        client_ip: Option<IpAddr>,
+        request: Option<ShadowRequest>,
+        key: Option<&[u8]>,
         body: RequestBody,
         capture: Option<CaptureSink>,
     ) -> Result<Option<Tap>, AbandonReason> {
@@ -259,22 +306,18 @@ impl Mirror {
         {
             return Err(AbandonReason::BodyTooLarge);
         }
+        let request = request.ok_or(AbandonReason::UpstreamError)?;
         let permit = self
             .in_flight
             .clone()
             .try_acquire_owned()
             .map_err(|_| AbandonReason::InFlightLimit)?;
-        let key = self
-            .pool
-            .hash_key()
-            .and_then(|k| request::key_value(k, &primary, client_ip));
         let addr = self
             .pool
-            .select(key.as_deref().unwrap_or_default(), &[], &[])
+            .select(key.unwrap_or_default(), &[], &[])
             .ok_or(AbandonReason::NoHealthyBackend)?;
         let peer = Box::new(self.pool.peer(addr));
 
-        let header = Some(Box::new(self.shadow_header(primary, body)));
         // A bodiless request needs no body queue and gives the primary side nothing
         // to abort (an HTTP/2 upstream may not even call the body filter for an
         // empty body): its shadow runs on its own from the start, with no tap.
@@ -303,7 +346,7 @@ impl Mirror {
             (Some(feed), Some(tap))
         };
         let session = ShadowSession {
-            header,
+            request: Some(request),
             peer,
             addr,
             body: feed,
@@ -316,22 +359,19 @@ impl Mirror {
         Ok(tap)
     }
 
-    /// The request as the shadow sees it: exactly the header sent to the primary
-    /// upstream (after Pingora's sanitising and our forwarding headers), framed
-    /// for the shadow's protocol, less `Expect` and `Proxy-Authorization`, plus
-    /// this mirror's edits and the marker.
-    fn shadow_header(&self, primary: RequestHeader, body: RequestBody) -> RequestHeader {
+    /// The request as an HTTP/2 shadow sees it: exactly the header sent to the
+    /// primary upstream (after Pingora's sanitising and our forwarding headers),
+    /// less `Expect`, `Proxy-Authorization` and `Transfer-Encoding` (HTTP/2 frames
+    /// the body itself), plus this mirror's edits and the marker. An HTTP/1 shadow
+    /// gets the same edits, written by `wire`.
+    fn shadow_header(&self, primary: RequestHeader) -> RequestHeader {
         let mut header = primary;
         // The shadow gets the body regardless and must not answer `100 Continue`;
         // credentials meant for a proxy are not the shadow's business.
         header.remove_header(&http::header::EXPECT);
         header.remove_header(&http::header::PROXY_AUTHORIZATION);
-        if self.pool.is_h2() {
-            // HTTP/2 frames the body itself and forbids this header.
-            header.remove_header(&http::header::TRANSFER_ENCODING);
-        } else {
-            request::frame_h1_body(&mut header, body != RequestBody::Empty);
-        }
+        // HTTP/2 frames the body itself and forbids this header.
+        header.remove_header(&http::header::TRANSFER_ENCODING);
         for name in &self.remove_headers {
             header.remove_header(name);
         }
@@ -436,6 +476,15 @@ impl Tap {
     }
 }
 
+/// A sampled HTTP/1 shadow whose header was written from the primary's, waiting
+/// for the primary's to go upstream.
+struct ReadyShadow {
+    slot: usize,
+    /// None when the header could not be written.
+    request: Option<H1Request>,
+    key: Option<Vec<u8>>,
+}
+
 /// Per-request mirror state: the sampled mirrors, the live taps and where this
 /// upstream attempt is in the body.
 ///
@@ -446,8 +495,11 @@ impl Tap {
 pub struct MirrorTee {
     /// Sampled mirrors whose shadow has not started yet (their `outcomes` slots).
     pending: Vec<usize>,
-    /// The header of the current primary attempt, as sent upstream.
+    /// The header of the current primary attempt, as sent upstream: kept only for
+    /// mirrors that need it whole (HTTP/2 pools, comparisons).
     primary_header: Option<RequestHeader>,
+    /// The other sampled shadows, their header already written from the primary's.
+    ready: Vec<ReadyShadow>,
     client_ip: Option<IpAddr>,
     body: RequestBody,
     taps: Vec<Tap>,
@@ -497,29 +549,60 @@ impl MirrorTee {
     }
 
     /// The header this primary attempt sends upstream (called once per attempt,
-    /// from `upstream_request_filter`); the shadows start from it.
-    pub fn set_primary_header(&mut self, header: RequestHeader) {
-        self.primary_header = Some(header);
+    /// from `upstream_request_filter`); the shadows start from it. An HTTP/1 shadow's
+    /// header is written from it now; a copy is kept only for the mirrors that need
+    /// the header itself.
+    pub fn set_primary_header(&mut self, header: &RequestHeader) {
+        self.ready.clear();
+        let mut keep_copy = false;
+        for &slot in &self.pending {
+            let Some((mirror, _)) = self.outcomes.get(slot) else {
+                continue;
+            };
+            if mirror.writes_from_primary() {
+                self.ready.push(ReadyShadow {
+                    slot,
+                    request: mirror.h1_request(header, self.body),
+                    key: mirror
+                        .selection_key(header, self.client_ip)
+                        .map(Cow::into_owned),
+                });
+            } else {
+                keep_copy = true;
+            }
+        }
+        self.primary_header = keep_copy.then(|| header.clone());
     }
 
     /// The primary's header has been written upstream: start the sampled shadows.
     /// Called on the first body chunk and when the primary answers (an empty
     /// body to an HTTP/2 upstream makes no body filter call).
     pub fn primary_sent(&mut self) {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() || (self.ready.is_empty() && self.primary_header.is_none()) {
             return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for ready in std::mem::take(&mut self.ready) {
+            let Some(mirror) = self.outcomes.get(ready.slot).map(|(m, _)| m.clone()) else {
+                continue;
+            };
+            let request = ready.request.map(|r| ShadowRequest::H1(Box::new(r)));
+            self.start_one(ready.slot, &mirror, request, ready.key.as_deref(), None);
         }
         let Some(header) = self.primary_header.take() else {
             return;
         };
-        // Who starts: each sampled mirror (with its outcome slot), and the control
-        // twin of a comparing one.
+        // Who starts from the copy: each mirror sampled (with its outcome slot), and
+        // the control twin of a comparing one.
         let mut starts: Vec<(usize, Arc<Mirror>, Option<CaptureSink>)> = Vec::new();
         let mut capture_cap: Option<(u64, Arc<ByteBudget>)> = None;
-        for slot in std::mem::take(&mut self.pending) {
+        for slot in pending {
             let Some(mirror) = self.outcomes.get(slot).map(|(m, _)| m.clone()) else {
                 continue;
             };
+            if mirror.writes_from_primary() {
+                continue;
+            }
             let Some(pending) = mirror.compare.as_ref().and_then(|c| c.begin(&header)) else {
                 starts.push((slot, mirror, None));
                 continue;
@@ -540,13 +623,26 @@ impl MirrorTee {
             self.head_request = header.method == Method::HEAD;
             self.primary_capture = Some(Capturer::new(*cap, budget.clone(), Instant::now()));
         }
-        // Each shadow edits its own copy; the last one takes the header itself.
+        // An HTTP/2 shadow edits its own copy (the last one takes the header itself);
+        // an HTTP/1 one is written from it.
         let last = starts.pop();
         for (slot, mirror, sink) in starts {
-            self.start_one(slot, &mirror, header.clone(), sink);
+            let request = if mirror.pool.is_h2() {
+                mirror.request_from(header.clone(), self.body)
+            } else {
+                mirror
+                    .h1_request(&header, self.body)
+                    .map(|r| ShadowRequest::H1(Box::new(r)))
+            };
+            let key = mirror.selection_key(&header, self.client_ip);
+            self.start_one(slot, &mirror, request, key.as_deref(), sink);
         }
         if let Some((slot, mirror, sink)) = last {
-            self.start_one(slot, &mirror, header, sink);
+            let key = mirror
+                .selection_key(&header, self.client_ip)
+                .map(Cow::into_owned);
+            let request = mirror.request_from(header, self.body);
+            self.start_one(slot, &mirror, request, key.as_deref(), sink);
         }
     }
 
@@ -554,10 +650,11 @@ impl MirrorTee {
         &mut self,
         slot: usize,
         mirror: &Arc<Mirror>,
-        header: RequestHeader,
+        request: Option<ShadowRequest>,
+        key: Option<&[u8]>,
         sink: Option<CaptureSink>,
     ) {
-        match mirror.start(header, self.client_ip, self.body, sink) {
+        match mirror.start(request, key, self.body, sink) {
             Ok(Some(mut tap)) => {
                 tap.slot = slot;
                 self.taps.push(tap);

@@ -17,6 +17,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::budget::QueuedChunk;
 use super::h1::ShadowH1;
+use super::wire::H1Request;
 use super::{AbandonReason, Mirror};
 use crate::compare::capture::{Capture, Capturer};
 
@@ -79,10 +80,35 @@ pub(super) struct BodyFeed {
     pub abort: Arc<AbortSignal>,
 }
 
+/// What a shadow sends: an HTTP/1 header ready for the wire, or the header an HTTP/2
+/// stream is opened with.
+pub(super) enum ShadowRequest {
+    /// Boxed: it is held across the exchange, and the task future stays small.
+    H1(Box<H1Request>),
+    H2(Box<RequestHeader>),
+}
+
+impl ShadowRequest {
+    fn method(&self) -> &http::Method {
+        match self {
+            ShadowRequest::H1(request) => &request.method,
+            ShadowRequest::H2(header) => &header.method,
+        }
+    }
+
+    /// For log lines.
+    fn method_and_path(&self) -> (http::Method, String) {
+        match self {
+            ShadowRequest::H1(request) => (request.method.clone(), request.path().to_string()),
+            ShadowRequest::H2(header) => (header.method.clone(), header.uri.path().to_string()),
+        }
+    }
+}
+
 /// One mirrored request, owned by its own task.
 pub(super) struct ShadowSession {
     /// Taken by the exchange when it writes it (no copy).
-    pub header: Option<Box<RequestHeader>>,
+    pub request: Option<ShadowRequest>,
     /// Boxed, as the session lives in its task's future: a smaller future is cheaper to spawn.
     pub peer: Box<HttpPeer>,
     /// The shadow server `peer` points at.
@@ -113,9 +139,9 @@ impl ShadowSession {
         let mirror = self.mirror.clone();
         let abort = self.body.as_ref().map(|feed| feed.abort.clone());
         let started = Instant::now();
-        // For the outcome's log line: cheap clones (a known method, a shared path).
-        let (method, uri) = match &self.header {
-            Some(h) if log::log_enabled!(log::Level::Debug) => (h.method.clone(), h.uri.clone()),
+        // For the outcome's log line, only when it is written.
+        let (method, path) = match &self.request {
+            Some(request) if log::log_enabled!(log::Level::Debug) => request.method_and_path(),
             _ => Default::default(),
         };
         mirror.metrics.in_flight.inc();
@@ -145,7 +171,6 @@ impl ShadowSession {
         }
         mirror.metrics.in_flight.dec();
         let method = method.as_str();
-        let path = uri.path();
         // A compared response goes to its comparison; otherwise the sender is dropped
         // and the comparison counts this side as failed.
         if let (Some(sink), Some(captured), Outcome::Completed { .. }) =
@@ -183,28 +208,27 @@ impl ShadowSession {
 
     async fn exchange(&mut self, started: Instant) -> Outcome {
         use AbandonReason::{PrimaryAborted, UpstreamError};
-        let Some(header) = self.header.take() else {
+        let Some(request) = self.request.take() else {
             return Outcome::Abandoned(UpstreamError);
         };
         // A response to HEAD has no body, whatever its framing headers say.
-        let is_head = header.method == http::Method::HEAD;
+        let is_head = request.method() == http::Method::HEAD;
         // A server may close a kept-alive connection just as it is reused. The request
         // then goes once more, on a new connection, when it can be sent again exactly as
         // it was: no body, an idempotent method (as Pingora and NGINX retry upstreams).
-        let may_resend = self.body.is_none() && header.method.is_idempotent();
-        let (mut conn, resend) = if self.mirror.pool.is_h2() {
-            match self.open_h2(header).await {
+        let may_resend = self.body.is_none() && request.method().is_idempotent();
+        let (mut conn, resend) = match request {
+            ShadowRequest::H2(header) => match self.open_h2(header).await {
                 Ok(conn) => (conn, None),
                 Err(reason) => return Outcome::Abandoned(reason),
-            }
-        } else {
-            match self.open_h1(&header, true).await {
-                Ok(conn) => (conn, may_resend.then_some(header)),
+            },
+            ShadowRequest::H1(request) => match self.open_h1(&request, true).await {
+                Ok(conn) => (conn, may_resend.then_some(request)),
                 Err(OpenError::LostReusedConnection) if may_resend => {
-                    return Box::pin(self.resend(&header, is_head, started)).await;
+                    return Box::pin(self.resend(&request, is_head, started)).await;
                 }
                 Err(e) => return Outcome::Abandoned(e.reason()),
-            }
+            },
         };
         while let Some(feed) = &mut self.body {
             match feed.inbox.recv().await {
@@ -233,8 +257,8 @@ impl ShadowSession {
             .read_response(conn, is_head, self.capturer(started))
             .await;
         match (result, resend) {
-            (Err(e), Some(header)) if e.lost_reused_connection => {
-                Box::pin(self.resend(&header, is_head, started)).await
+            (Err(e), Some(request)) if e.lost_reused_connection => {
+                Box::pin(self.resend(&request, is_head, started)).await
             }
             (result, _) => self.outcome(result),
         }
@@ -242,13 +266,13 @@ impl ShadowSession {
 
     /// Send a bodiless request again on a new connection, after its server closed the
     /// kept-alive one it went on before answering anything (the rare path: boxed).
-    async fn resend(&mut self, header: &RequestHeader, is_head: bool, started: Instant) -> Outcome {
+    async fn resend(&mut self, request: &H1Request, is_head: bool, started: Instant) -> Outcome {
         debug!(
             "shadow connection to {} was closed by the server as it was reused: sending again on a new one",
             self.peer
         );
         self.mirror.metrics.resent.inc();
-        let mut conn = match self.open_h1(header, false).await {
+        let mut conn = match self.open_h1(request, false).await {
             Ok(conn) => conn,
             Err(e) => return Outcome::Abandoned(e.reason()),
         };
@@ -313,7 +337,7 @@ impl ShadowSession {
 
     /// Send the request header over one of the mirror's own idle HTTP/1 connections to
     /// the shadow server (when `may_reuse`) or a new one.
-    async fn open_h1(&self, header: &RequestHeader, may_reuse: bool) -> Result<Conn, OpenError> {
+    async fn open_h1(&self, request: &H1Request, may_reuse: bool) -> Result<Conn, OpenError> {
         let connections = &self.mirror.runtime.connections;
         let idle_timeout = self.peer.idle_timeout();
         let opened = if may_reuse {
@@ -328,7 +352,7 @@ impl ShadowSession {
                 return Err(OpenError::Failed(AbandonReason::ConnectError));
             }
         };
-        match ShadowH1::send_header(stream, header, reused).await {
+        match ShadowH1::send_header(stream, request, reused).await {
             Ok(h1) => Ok(Conn::H1(h1)),
             Err(e) => {
                 debug!("shadow request header to {} failed: {}", self.peer, e.error);
