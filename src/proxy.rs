@@ -352,7 +352,7 @@ impl ProxyHttp for ShadowGate {
     }
 
     /// Per attempt, the header Pingora has sanitised: add what the next hop is
-    /// owed, and hand the shadows their copy before the primary-only Host rewrite.
+    /// owed, and write the shadows their header before the primary-only Host rewrite.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
