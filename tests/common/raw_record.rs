@@ -158,6 +158,25 @@ pub fn shadow_matches(primary: &RawRequest, shadow: &RawRequest) -> Result<(), S
             ));
         }
     }
+    // The header lines themselves: the primary's, in its order and spelling, less the
+    // two dropped fields, then the marker.
+    let dropped = |name: &str| {
+        name.eq_ignore_ascii_case("expect") || name.eq_ignore_ascii_case("proxy-authorization")
+    };
+    let marker = (MIRROR_MARKER.to_string(), "1".to_string());
+    let expected_lines: Vec<&(String, String)> = primary
+        .headers
+        .iter()
+        .filter(|(name, _)| !dropped(name))
+        .chain(std::iter::once(&marker))
+        .collect();
+    let actual_lines: Vec<&(String, String)> = shadow.headers.iter().collect();
+    if problems.is_empty() && expected_lines != actual_lines {
+        problems.push(format!(
+            "header order or spelling: primary {:?}, shadow {:?}",
+            expected_lines, actual_lines
+        ));
+    }
     if primary.framing != shadow.framing {
         problems.push(format!(
             "framing: primary {:?}, shadow {:?}",
