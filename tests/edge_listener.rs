@@ -343,16 +343,6 @@ fn proxy_services(proxy: &Proxy) -> Vec<String> {
         .collect()
 }
 
-/// A client that speaks HTTP/2 by prior knowledge.
-fn h2c_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_balancing_and_metrics_work_for_http2_requests() {
     let a = Origin::start(OriginOptions::named("a")).await;

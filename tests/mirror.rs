@@ -566,6 +566,47 @@ async fn bodiless_requests_mirror_over_http2_upstreams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_shadow_of_an_http2_primary_gets_an_http11_request() {
+    // The header sent to an h2c primary says HTTP/2; the HTTP/1 shadow must still get
+    // an HTTP/1.1 request line, with a Host (from the :authority of an HTTP/2 client).
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let shadow = common::raw_record::RecordingOrigin::start("shadow").await;
+    let config = format!(
+        "upstreams:\n{}{}routes:\n  - name: api\n    upstream: app\n    mirrors:\n      - {{ upstream: shadow, percentage: 100, methods: [GET, POST] }}\n",
+        pool("app", &[primary.addr], "    protocol: h2c\n"),
+        pool("shadow", &[shadow.addr], ""),
+    );
+    let proxy = Proxy::start_with_listener("    h2c: true", &config).await;
+    let (status, _, _) = get(&client(), &proxy.url("/h1-shadow?q=1")).await;
+    assert_eq!(status, 200);
+    let resp = post(&client(), &proxy.url("/up"), reqwest::Body::from("hello")).await;
+    assert_eq!(resp.status(), 200);
+    let resp = h2c_client()
+        .get(proxy.url("/from-h2"))
+        .send()
+        .await
+        .expect("h2c request");
+    assert_eq!(resp.status(), 200);
+    wait_completed(&proxy, 3.0).await;
+    let got = shadow.requests();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let host = proxy.addr.to_string();
+    assert_eq!(got[0].request_line, "GET /h1-shadow?q=1 HTTP/1.1");
+    assert_eq!(got[0].values("host"), [host.as_str()]);
+    assert_eq!(got[1].request_line, "POST /up HTTP/1.1");
+    assert_eq!(got[1].body, b"hello");
+    assert_eq!(got[2].request_line, "GET /from-h2 HTTP/1.1");
+    assert_eq!(got[2].values("host"), [host.as_str()]);
+    let answered = proxy
+        .metric(
+            "shadowgate_mirror_completed_total",
+            &[("route", "api"), ("status_class", "2xx")],
+        )
+        .await;
+    assert_eq!(answered, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_mirror_to_an_http2_shadow() {
     let primary = Origin::start(OriginOptions::named("primary")).await;
     let shadow = Origin::start(OriginOptions::named("shadow")).await;

@@ -107,11 +107,12 @@ impl ShadowEdits {
     /// `has_body`: a body follows. None when the request line cannot be written (the
     /// same requests Pingora's serializer refuses).
     pub fn h1_request(&self, primary: &RequestHeader, has_body: bool) -> Option<H1Request> {
+        // The header an HTTP/2 primary (h2c pool) got says HTTP/2; its HTTP/1 shadow
+        // gets HTTP/1.1, as Pingora writes for an HTTP/1 upstream.
         let version: &[u8] = match primary.version {
             Version::HTTP_09 => b"HTTP/0.9",
             Version::HTTP_10 => b"HTTP/1.0",
-            Version::HTTP_11 => b"HTTP/1.1",
-            Version::HTTP_2 => b"HTTP/2",
+            Version::HTTP_11 | Version::HTTP_2 => b"HTTP/1.1",
             _ => return None,
         };
         let target = primary.raw_path();
@@ -128,6 +129,15 @@ impl ShadowEdits {
         buf.put_u8(b' ');
         buf.put_slice(version);
         buf.put_slice(CRLF);
+        // A request that came over HTTP/2 to an HTTP/2 primary may carry its host only
+        // as the :authority: HTTP/1.1 needs it as Host (as Pingora does for HTTP/1).
+        if !primary.headers.contains_key(HOST)
+            && !self.set.iter().any(|f| f.name == HOST)
+            && let Some(authority) = primary.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            put_field(&mut buf, b"Host", &host);
+        }
 
         // Which set fields have been written in place.
         let mut written = Written::default();
@@ -411,6 +421,28 @@ mod tests {
             http_req_header_to_wire(&req).unwrap().to_vec()
         );
         assert!(text(&wire).contains("Content-Type: text/plain\r\nx-custom: 1\r\n"));
+    }
+
+    #[test]
+    fn an_http2_primary_header_becomes_http11_with_a_host() {
+        // As Pingora holds a request that came over HTTP/2: the authority in the URI.
+        let mut req = RequestHeader::build_no_case("GET", b"/p?q", None).unwrap();
+        req.set_uri("https://app.example:8443/p?q".parse().unwrap());
+        req.set_version(Version::HTTP_2);
+        req.insert_header("accept", "*/*").unwrap();
+        let wire = edits(&[], &[], None, true).h1_request(&req, false).unwrap();
+        assert_eq!(
+            text(&wire),
+            "GET /p?q HTTP/1.1\r\nHost: app.example:8443\r\naccept: */*\r\nx-shadowgate-mirror: 1\r\n\r\n"
+        );
+        // A Host the mirror sets is the only one.
+        let wire = edits(&[], &[], Some("v2"), false)
+            .h1_request(&req, false)
+            .unwrap();
+        assert_eq!(
+            text(&wire),
+            "GET /p?q HTTP/1.1\r\naccept: */*\r\nHost: v2\r\n\r\n"
+        );
     }
 
     #[test]

@@ -22,6 +22,16 @@ pub use proxy::Proxy;
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// A client that speaks HTTP/2 by prior knowledge (for `h2c: true` listeners).
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
 /// A client that never pools connections across tests and never retries on its own.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
