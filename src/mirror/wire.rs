@@ -132,6 +132,7 @@ impl ShadowEdits {
         // A request that came over HTTP/2 to an HTTP/2 primary may carry its host only
         // as the :authority: HTTP/1.1 needs it as Host (as Pingora does for HTTP/1).
         if !primary.headers.contains_key(HOST)
+            && !self.remove.contains(&HOST)
             && !self.set.iter().any(|f| f.name == HOST)
             && let Some(authority) = primary.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
@@ -435,6 +436,11 @@ mod tests {
             text(&wire),
             "GET /p?q HTTP/1.1\r\nHost: app.example:8443\r\naccept: */*\r\nx-shadowgate-mirror: 1\r\n\r\n"
         );
+        // A Host the mirror removes stays removed.
+        let wire = edits(&["host"], &[], None, false)
+            .h1_request(&req, false)
+            .unwrap();
+        assert_eq!(text(&wire), "GET /p?q HTTP/1.1\r\naccept: */*\r\n\r\n");
         // A Host the mirror sets is the only one.
         let wire = edits(&[], &[], Some("v2"), false)
             .h1_request(&req, false)
