@@ -77,6 +77,11 @@ impl Pool {
         self.hash_key.as_ref()
     }
 
+    /// How long a connect to one of the pool's servers may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Whether the pool speaks HTTP/2 (h2c) to its servers.
     pub fn is_h2(&self) -> bool {
         self.protocol == UpstreamProtocol::H2c

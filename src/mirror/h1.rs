@@ -12,8 +12,8 @@ use std::fmt;
 use bytes::{Buf, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use pingora_core::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::wire::H1Request;
 use crate::compare::capture::Capturer;
@@ -109,7 +109,7 @@ pub struct ResponseHead {
 
 /// One request/response exchange on a connection.
 pub struct ShadowH1 {
-    stream: Stream,
+    stream: TcpStream,
     framing: RequestFraming,
     /// Bytes read and not yet consumed.
     buf: BytesMut,
@@ -124,7 +124,7 @@ pub struct ShadowH1 {
 impl ShadowH1 {
     /// Write the request header; `reused` says whether `stream` served a request before.
     pub async fn send_header(
-        mut stream: Stream,
+        mut stream: TcpStream,
         request: &H1Request,
         reused: bool,
     ) -> std::result::Result<Self, SendError> {
@@ -278,7 +278,7 @@ impl ShadowH1 {
 
     /// The connection, if it can carry another request: the server keeps it
     /// open and sent nothing past this response.
-    pub fn into_reusable(self) -> Option<Stream> {
+    pub fn into_reusable(self) -> Option<TcpStream> {
         (self.reusable && self.buf.is_empty()).then_some(self.stream)
     }
 
@@ -593,7 +593,7 @@ mod tests {
     ) -> (Result<(u16, Vec<u8>)>, bool, Vec<u8>) {
         use std::sync::Arc;
         use tokio::io::AsyncWriteExt as _;
-        use tokio::net::{TcpListener, TcpStream};
+        use tokio::net::TcpListener;
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -621,9 +621,7 @@ mod tests {
             }
             received
         });
-        let stream: Stream = Box::new(pingora_core::protocols::l4::stream::Stream::from(
-            TcpStream::connect(addr).await.unwrap(),
-        ));
+        let stream = TcpStream::connect(addr).await.unwrap();
         let mut req = RequestHeader::build(method, b"/x", None).unwrap();
         req.insert_header("host", "shadow").unwrap();
         if !body.is_empty() {

@@ -16,6 +16,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::budget::QueuedChunk;
+use super::conns;
 use super::h1::ShadowH1;
 use super::wire::H1Request;
 use super::{AbandonReason, Mirror};
@@ -339,11 +340,16 @@ impl ShadowSession {
     /// the shadow server (when `may_reuse`) or a new one.
     async fn open_h1(&self, request: &H1Request, may_reuse: bool) -> Result<Conn, OpenError> {
         let connections = &self.mirror.runtime.connections;
-        let idle_timeout = self.peer.idle_timeout();
+        let connect_timeout = self.mirror.pool.connect_timeout();
         let opened = if may_reuse {
-            connections.get(&self.peer, self.addr, idle_timeout).await
+            let idle_timeout = self.peer.idle_timeout();
+            connections
+                .get(self.addr, connect_timeout, idle_timeout)
+                .await
         } else {
-            connections.connect(&self.peer).await.map(|s| (s, false))
+            conns::connect(self.addr, connect_timeout)
+                .await
+                .map(|s| (s, false))
         };
         let (stream, reused) = match opened {
             Ok(opened) => opened,
