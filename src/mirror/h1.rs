@@ -8,6 +8,7 @@
 //! frames it, so the shadow gets the bytes the primary got.
 
 use std::fmt;
+use std::io::IoSlice;
 
 use bytes::{Buf, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -163,10 +164,14 @@ impl ShadowH1 {
                     // An empty chunk would end the body.
                     return Ok(());
                 }
+                // Size line, data and CRLF in one write (one segment with TCP_NODELAY).
                 let size_line = format!("{:X}\r\n", piece.len());
-                self.stream.write_all(size_line.as_bytes()).await?;
-                self.stream.write_all(piece).await?;
-                self.stream.write_all(b"\r\n").await?;
+                let mut parts = [
+                    IoSlice::new(size_line.as_bytes()),
+                    IoSlice::new(piece),
+                    IoSlice::new(b"\r\n"),
+                ];
+                write_all_vectored(&mut self.stream, &mut parts).await?;
             }
             RequestFraming::Length { left } => {
                 let n = piece
@@ -359,6 +364,18 @@ impl ShadowH1 {
             _ => Ok(()),
         }
     }
+}
+
+/// Write every byte of `parts`, in as few writes as the socket takes.
+async fn write_all_vectored(stream: &mut TcpStream, mut parts: &mut [IoSlice<'_>]) -> Result<()> {
+    while !parts.is_empty() {
+        let n = stream.write_vectored(parts).await?;
+        if n == 0 {
+            return Err(H1Error::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        IoSlice::advance_slices(&mut parts, n);
+    }
+    Ok(())
 }
 
 pub fn request_framing(headers: &HeaderMap) -> RequestFraming {
