@@ -126,7 +126,7 @@ impl Comparator {
 
     /// Start comparing this request, or count why not. The returned senders
     /// go to each side; a sender dropped unsent means that side failed.
-    pub fn begin(self: &Arc<Self>, request: &RequestHeader) -> Option<Pending> {
+    pub fn begin(self: &Arc<Self>, request: CompareRequest) -> Option<Pending> {
         if !self.methods.contains(&request.method) {
             self.metrics.skipped(SkipReason::Method);
             return None;
@@ -143,8 +143,8 @@ impl Comparator {
         let job = Job {
             comparator: self.clone(),
             method: request.method.as_str().to_string(),
-            path: request.uri.path().to_string(),
-            id: correlation_id(request),
+            path: request.path,
+            id: request.id,
             primary,
             candidate,
             control,
@@ -294,6 +294,24 @@ fn correlation_id(request: &RequestHeader) -> String {
     }
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("sg-{}-{n}", std::process::id())
+}
+
+/// What a comparison keeps of the request: taken from the primary's header when it
+/// goes upstream, so that no copy of the header is needed.
+pub struct CompareRequest {
+    method: Method,
+    path: String,
+    id: String,
+}
+
+impl CompareRequest {
+    pub fn of(request: &RequestHeader) -> Self {
+        CompareRequest {
+            method: request.method.clone(),
+            path: request.uri.path().to_string(),
+            id: correlation_id(request),
+        }
+    }
 }
 
 /// A comparison begun for one request: where each side delivers its capture.

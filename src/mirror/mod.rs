@@ -21,8 +21,8 @@ use pingora_core::connectors::http::Connector;
 use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::compare::Comparator;
 use crate::compare::capture::{Capture, Capturer};
+use crate::compare::{Comparator, CompareRequest};
 use crate::config::{MirrorConfig, SampleBy};
 use crate::metrics::{Metrics, MirrorMetrics};
 use crate::request;
@@ -31,7 +31,7 @@ use budget::{ByteBudget, QueueAccount};
 use executor::ShadowExecutor;
 use sampler::Sampler;
 use shadow::{AbortSignal, BodyFeed, CaptureSink, ShadowMsg, ShadowRequest, ShadowSession};
-use wire::{H1Request, ShadowEdits};
+use wire::ShadowEdits;
 
 /// Why a request was not mirrored, or why a shadow request was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,12 +259,6 @@ impl Mirror {
         sampled
     }
 
-    /// Whether this mirror's shadow is written straight from the primary's header,
-    /// with no copy of it: an HTTP/1 pool, and no comparison (which keeps the header).
-    fn writes_from_primary(&self) -> bool {
-        !self.pool.is_h2() && self.compare.is_none()
-    }
-
     /// The bytes a shadow server is chosen by (`consistent_hash` pools), if any.
     fn selection_key<'a>(
         &self,
@@ -276,18 +270,27 @@ impl Mirror {
             .and_then(|k| request::key_value(k, primary, client_ip))
     }
 
-    /// The shadow's HTTP/1 header, written from the primary's with this mirror's edits.
-    fn h1_request(&self, primary: &RequestHeader, body: RequestBody) -> Option<H1Request> {
-        self.edits.h1_request(primary, body != RequestBody::Empty)
-    }
-
-    /// What the shadow sends, from a copy of the primary's header.
-    fn request_from(&self, primary: RequestHeader, body: RequestBody) -> Option<ShadowRequest> {
-        if self.pool.is_h2() {
-            Some(ShadowRequest::H2(Box::new(self.shadow_header(primary))))
+    /// What this mirror's shadow sends, from the primary's header: an HTTP/1 header
+    /// written straight from it (no copy), or an edited copy for an HTTP/2 stream;
+    /// None when the header cannot be written. And the server-selection key.
+    fn prepare(
+        &self,
+        primary: &RequestHeader,
+        client_ip: Option<IpAddr>,
+        body: RequestBody,
+    ) -> Prepared {
+        let request = if self.pool.is_h2() {
+            Some(ShadowRequest::H2(Box::new(
+                self.shadow_header(primary.clone()),
+            )))
         } else {
-            self.h1_request(&primary, body)
+            self.edits
+                .h1_request(primary, body != RequestBody::Empty)
                 .map(|r| ShadowRequest::H1(Box::new(r)))
+        };
+        Prepared {
+            request,
+            key: self.selection_key(primary, client_ip).map(Cow::into_owned),
         }
     }
 
@@ -476,13 +479,21 @@ impl Tap {
     }
 }
 
-/// A sampled HTTP/1 shadow whose header was written from the primary's, waiting
-/// for the primary's to go upstream.
+/// What one shadow will send, prepared from the primary's header.
+struct Prepared {
+    /// None when the header could not be written.
+    request: Option<ShadowRequest>,
+    key: Option<Vec<u8>>,
+}
+
+/// A sampled shadow, prepared when the primary's header is final and started
+/// once it has gone upstream.
 struct ReadyShadow {
     slot: usize,
-    /// None when the header could not be written.
-    request: Option<H1Request>,
-    key: Option<Vec<u8>>,
+    shadow: Prepared,
+    /// For a comparing mirror: what the comparison keeps of the request, and the
+    /// control twin's shadow.
+    compare: Option<Box<(CompareRequest, Option<Prepared>)>>,
 }
 
 /// Per-request mirror state: the sampled mirrors, the live taps and where this
@@ -495,10 +506,7 @@ struct ReadyShadow {
 pub struct MirrorTee {
     /// Sampled mirrors whose shadow has not started yet (their `outcomes` slots).
     pending: Vec<usize>,
-    /// The header of the current primary attempt, as sent upstream: kept only for
-    /// mirrors that need it whole (HTTP/2 pools, comparisons).
-    primary_header: Option<RequestHeader>,
-    /// The other sampled shadows, their header already written from the primary's.
+    /// The sampled shadows of the current primary attempt, prepared from its header.
     ready: Vec<ReadyShadow>,
     client_ip: Option<IpAddr>,
     body: RequestBody,
@@ -549,70 +557,64 @@ impl MirrorTee {
     }
 
     /// The header this primary attempt sends upstream (called once per attempt,
-    /// from `upstream_request_filter`); the shadows start from it. An HTTP/1 shadow's
-    /// header is written from it now; a copy is kept only for the mirrors that need
-    /// the header itself.
+    /// from `upstream_request_filter`): each sampled shadow is prepared from it now,
+    /// without copying it (but for HTTP/2 shadows, which send an edited copy).
     pub fn set_primary_header(&mut self, header: &RequestHeader) {
         self.ready.clear();
-        let mut keep_copy = false;
+        self.head_request = header.method == Method::HEAD;
         for &slot in &self.pending {
             let Some((mirror, _)) = self.outcomes.get(slot) else {
                 continue;
             };
-            if mirror.writes_from_primary() {
-                self.ready.push(ReadyShadow {
-                    slot,
-                    request: mirror.h1_request(header, self.body),
-                    key: mirror
-                        .selection_key(header, self.client_ip)
-                        .map(Cow::into_owned),
-                });
-            } else {
-                keep_copy = true;
-            }
+            let compare = mirror.compare.as_ref().map(|_| {
+                let control = mirror
+                    .control
+                    .as_ref()
+                    .map(|control| control.prepare(header, self.client_ip, self.body));
+                Box::new((CompareRequest::of(header), control))
+            });
+            self.ready.push(ReadyShadow {
+                slot,
+                shadow: mirror.prepare(header, self.client_ip, self.body),
+                compare,
+            });
         }
-        self.primary_header = keep_copy.then(|| header.clone());
     }
 
     /// The primary's header has been written upstream: start the sampled shadows.
     /// Called on the first body chunk and when the primary answers (an empty
     /// body to an HTTP/2 upstream makes no body filter call).
     pub fn primary_sent(&mut self) {
-        if self.pending.is_empty() || (self.ready.is_empty() && self.primary_header.is_none()) {
+        // Nothing prepared: no header went upstream for these shadows yet.
+        if self.pending.is_empty() || self.ready.is_empty() {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
+        self.pending.clear();
+        let mut capture_cap: Option<(u64, Arc<ByteBudget>)> = None;
         for ready in std::mem::take(&mut self.ready) {
             let Some(mirror) = self.outcomes.get(ready.slot).map(|(m, _)| m.clone()) else {
                 continue;
             };
-            let request = ready.request.map(|r| ShadowRequest::H1(Box::new(r)));
-            self.start_one(ready.slot, &mirror, request, ready.key.as_deref(), None);
-        }
-        let Some(header) = self.primary_header.take() else {
-            return;
-        };
-        // Who starts from the copy: each mirror sampled (with its outcome slot), and
-        // the control twin of a comparing one.
-        let mut starts: Vec<(usize, Arc<Mirror>, Option<CaptureSink>)> = Vec::new();
-        let mut capture_cap: Option<(u64, Arc<ByteBudget>)> = None;
-        for slot in pending {
-            let Some(mirror) = self.outcomes.get(slot).map(|(m, _)| m.clone()) else {
+            let Prepared { request, key } = ready.shadow;
+            let (Some(comparator), Some(compare)) = (&mirror.compare, ready.compare) else {
+                self.start_one(ready.slot, &mirror, request, key.as_deref(), None);
                 continue;
             };
-            if mirror.writes_from_primary() {
-                continue;
-            }
-            let Some(pending) = mirror.compare.as_ref().and_then(|c| c.begin(&header)) else {
-                starts.push((slot, mirror, None));
+            let (compare_request, control) = *compare;
+            let Some(pending) = comparator.begin(compare_request) else {
+                self.start_one(ready.slot, &mirror, request, key.as_deref(), None);
                 continue;
             };
-            let cap = mirror.compare.as_ref().map_or(0, |c| c.max_body_bytes);
+            let cap = comparator.max_body_bytes;
             let sink = |tx| CaptureSink { tx, cap };
             // A side that does not start drops its sender: the comparison counts it skipped.
-            starts.push((slot, mirror.clone(), Some(sink(pending.candidate))));
-            if let (Some(control), Some(tx)) = (&mirror.control, pending.control) {
-                starts.push((NO_SLOT, control.clone(), Some(sink(tx))));
+            let candidate = Some(sink(pending.candidate));
+            self.start_one(ready.slot, &mirror, request, key.as_deref(), candidate);
+            if let (Some(twin), Some(tx), Some(control)) =
+                (&mirror.control, pending.control, control)
+            {
+                let Prepared { request, key } = control;
+                self.start_one(NO_SLOT, twin, request, key.as_deref(), Some(sink(tx)));
             }
             self.compare_senders.push(pending.primary);
             mirror.runtime.executor.spawn(pending.job.run());
@@ -620,29 +622,7 @@ impl MirrorTee {
             capture_cap = Some((widest, mirror.runtime.budget.clone()));
         }
         if let Some((cap, budget)) = &capture_cap {
-            self.head_request = header.method == Method::HEAD;
             self.primary_capture = Some(Capturer::new(*cap, budget.clone(), Instant::now()));
-        }
-        // An HTTP/2 shadow edits its own copy (the last one takes the header itself);
-        // an HTTP/1 one is written from it.
-        let last = starts.pop();
-        for (slot, mirror, sink) in starts {
-            let request = if mirror.pool.is_h2() {
-                mirror.request_from(header.clone(), self.body)
-            } else {
-                mirror
-                    .h1_request(&header, self.body)
-                    .map(|r| ShadowRequest::H1(Box::new(r)))
-            };
-            let key = mirror.selection_key(&header, self.client_ip);
-            self.start_one(slot, &mirror, request, key.as_deref(), sink);
-        }
-        if let Some((slot, mirror, sink)) = last {
-            let key = mirror
-                .selection_key(&header, self.client_ip)
-                .map(Cow::into_owned);
-            let request = mirror.request_from(header, self.body);
-            self.start_one(slot, &mirror, request, key.as_deref(), sink);
         }
     }
 
