@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, Method};
 use log::{debug, warn};
 use pingora_core::connectors::http::Connector;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -146,11 +146,7 @@ pub struct Mirror {
     queue_bytes: u64,
     timeout: Duration,
     in_flight: Arc<Semaphore>,
-    set_headers: Vec<(HeaderName, HeaderValue)>,
-    remove_headers: Vec<HeaderName>,
-    host: Option<HeaderValue>,
-    mark_header: bool,
-    /// The same edits, resolved for writing an HTTP/1 shadow header directly.
+    /// The header edits (`request_headers`, `host`, the marker), resolved at load.
     edits: ShadowEdits,
     metrics: MirrorMetrics,
     runtime: Arc<MirrorRuntime>,
@@ -203,12 +199,10 @@ impl Mirror {
             .iter()
             .map(|name| name.0.clone())
             .collect();
-        let set_headers = config.request_headers.set.0.clone();
-        let host = config.host.as_ref().map(|h| h.header_value().clone());
         let edits = ShadowEdits::new(
             &remove_headers,
-            &set_headers,
-            host.as_ref(),
+            &config.request_headers.set.0,
+            config.host.as_ref().map(|h| h.header_value()),
             config.mark_header,
         );
         Mirror {
@@ -220,10 +214,6 @@ impl Mirror {
             queue_bytes: config.queue_bytes,
             timeout: Duration::from_millis(config.timeout_ms),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight as usize)),
-            set_headers,
-            remove_headers,
-            host,
-            mark_header: config.mark_header,
             edits,
             metrics: metrics.mirror(route, &pool.name),
             pool,
@@ -369,24 +359,9 @@ impl Mirror {
     /// gets the same edits, written by `wire`.
     fn shadow_header(&self, primary: RequestHeader) -> RequestHeader {
         let mut header = primary;
-        // The shadow gets the body regardless and must not answer `100 Continue`;
-        // credentials meant for a proxy are not the shadow's business.
-        header.remove_header(&http::header::EXPECT);
-        header.remove_header(&http::header::PROXY_AUTHORIZATION);
         // HTTP/2 frames the body itself and forbids this header.
         header.remove_header(&http::header::TRANSFER_ENCODING);
-        for name in &self.remove_headers {
-            header.remove_header(name);
-        }
-        for (name, value) in &self.set_headers {
-            let _ = header.insert_header(name.clone(), value.clone());
-        }
-        if let Some(host) = &self.host {
-            let _ = header.insert_header(http::header::HOST, host.clone());
-        }
-        if self.mark_header {
-            let _ = header.insert_header(MARKER_HEADER, "1");
-        }
+        self.edits.apply(&mut header);
         header
     }
 

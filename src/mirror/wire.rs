@@ -64,6 +64,8 @@ impl ShadowEdits {
         mark: bool,
     ) -> Self {
         let mut edits = ShadowEdits {
+            // The shadow gets the body regardless and must not answer `100 Continue`;
+            // credentials meant for a proxy are not the shadow's business.
             remove: [EXPECT, PROXY_AUTHORIZATION]
                 .into_iter()
                 .chain(remove.iter().cloned())
@@ -87,6 +89,17 @@ impl ShadowEdits {
             );
         }
         edits
+    }
+
+    /// Make the same edits on a header (an HTTP/2 shadow's copy: Pingora's client
+    /// writes it from a `RequestHeader`).
+    pub fn apply(&self, header: &mut RequestHeader) {
+        for name in &self.remove {
+            header.remove_header(name);
+        }
+        for field in &self.set {
+            let _ = header.insert_header(field.wire_name.clone(), field.value.clone());
+        }
     }
 
     fn set_field(&mut self, name: HeaderName, wire_name: Bytes, value: HeaderValue) {
@@ -142,7 +155,6 @@ impl ShadowEdits {
 
         // Which set fields have been written in place.
         let mut written = Written::default();
-        let mut keep_alive = true;
         let mut field =
             |buf: &mut BytesMut, name: &HeaderName, wire_name: &[u8], value: &HeaderValue| {
                 if self.remove.contains(name) {
@@ -154,9 +166,6 @@ impl ShadowEdits {
                     Some(i) => (&self.set[i].wire_name[..], &self.set[i].value),
                     None => (wire_name, value),
                 };
-                if name == CONNECTION && has_token(value.as_bytes(), b"close") {
-                    keep_alive = false;
-                }
                 put_field(buf, wire_name, value);
             };
         if primary.has_case() {
@@ -188,13 +197,19 @@ impl ShadowEdits {
         }
         for (i, set) in self.set.iter().enumerate() {
             if !written.has(i) {
-                if set.name == CONNECTION && has_token(set.value.as_bytes(), b"close") {
-                    keep_alive = false;
-                }
                 put_field(&mut buf, &set.wire_name, &set.value);
             }
         }
         buf.put_slice(CRLF);
+        // The Connection field sent: the one the mirror sets, else the primary's.
+        let close = |v: &HeaderValue| has_token(v.as_bytes(), b"close");
+        let keep_alive = match self.set.iter().find(|f| f.name == CONNECTION) {
+            Some(set) => !close(&set.value),
+            None => {
+                self.remove.contains(&CONNECTION)
+                    || !primary.headers.get_all(CONNECTION).iter().any(close)
+            }
+        };
         Some(H1Request {
             bytes: buf.freeze(),
             method: primary.method.clone(),
@@ -392,6 +407,26 @@ mod tests {
              x-shadowgate-mirror: 1\r\n\r\n"
         );
         assert_eq!(wire.framing, RequestFraming::Chunked);
+    }
+
+    #[test]
+    fn an_http2_copy_gets_the_same_edits() {
+        let mut req = primary(&[
+            ("Host", "app"),
+            ("Expect", "100-continue"),
+            ("Cookie", "a=1"),
+            ("X-Env", "prod"),
+        ]);
+        edits(&["cookie"], &[("x-env", "shadow")], Some("v2"), true).apply(&mut req);
+        let fields: Vec<(&str, &str)> = req
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            fields,
+            [("host", "v2"), ("x-env", "shadow"), (MARKER_HEADER, "1")]
+        );
     }
 
     #[test]
