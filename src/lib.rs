@@ -66,7 +66,6 @@ pub fn build_server(mut config: Config, opt: Opt) -> std::io::Result<App> {
     server.add_service(background_service("upstream health checks", health_checks));
     let setup = process::ProcessSetup {
         listeners: config.listeners.iter().map(|l| l.address.0).collect(),
-        metrics: metrics.clone(),
     };
     server.add_service(background_service("process setup", setup));
     if let Some(metrics_config) = &config.metrics {

@@ -1,9 +1,8 @@
-//! Setup that must run in the serving process itself, after Pingora has daemonized and bound its listeners.
-//! It records which process this is in the metrics, and makes the listeners hand over only connections with data.
+//! Setup that must run in the serving process itself, after Pingora has daemonized and bound its listeners:
+//! it makes the listeners hand over only connections with data.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -11,23 +10,17 @@ use log::{debug, warn};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
-use crate::metrics::Metrics;
-
 /// How long the kernel may hold a connection that has sent nothing yet.
 const DEFER_ACCEPT_SECONDS: libc::c_int = 10;
 
 /// A background service that runs once at startup.
 pub struct ProcessSetup {
     pub listeners: Vec<SocketAddr>,
-    pub metrics: Arc<Metrics>,
 }
 
 #[async_trait]
 impl BackgroundService for ProcessSetup {
     async fn start(&self, _shutdown: ShutdownWatch) {
-        // After any fork: the pid label must be the serving process's.
-        self.metrics.record_process_info();
-
         // Pingora binds the listeners in another service; wait for them (bounded).
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

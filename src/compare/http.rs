@@ -10,6 +10,7 @@ use pingora_core::services::listening::Service;
 use pingora_prometheus::prometheus::{self, Encoder, TextEncoder};
 
 use super::{registry, report};
+use crate::metrics::Metrics;
 
 /// Serves the metrics listener's pages.
 pub struct AdminApp;
@@ -41,6 +42,9 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/metrics" => {
+                // Set at scrape time, not at startup: a background task may run after the
+                // listener already answers, and the pid must be the serving process's.
+                Metrics::global().record_process_info();
                 let encoder = TextEncoder::new();
                 let mut buffer = Vec::new();
                 match encoder.encode(&prometheus::gather(), &mut buffer) {
