@@ -100,6 +100,31 @@ async fn forwards_host_and_adds_forwarding_headers() {
     assert_eq!(seen.header("via"), Some("1.1 shadowgate"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_gets_the_get_header_without_a_body_over_http1_and_h2c_upstreams() {
+    for protocol in ["", "    protocol: h2c\n"] {
+        let origin = Origin::start(OriginOptions::named("app")).await;
+        let proxy = proxy_to_pool(&[origin.addr], protocol).await;
+        let client = client();
+        let (status, _, _) = get(&client, &proxy.url("/h")).await;
+        assert_eq!(status, 200);
+        let head = client.head(proxy.url("/h")).send().await.expect("HEAD");
+        assert_eq!(head.status(), 200, "{protocol}");
+        // The length of the body a GET would get (the origin's "NAME METHOD URI LEN").
+        let would_be = "app HEAD /h 0\n".len();
+        let length = head.headers().get("content-length").map(|v| v.as_bytes());
+        assert_eq!(length, Some(would_be.to_string().as_bytes()), "{protocol}");
+        assert_eq!(head.bytes().await.expect("HEAD body").len(), 0);
+        // Counted as answered, not as a failure behind the client's back.
+        wait_responses(&proxy, "all", 200, 2.0).await;
+        assert!(
+            !proxy.log().contains("Fail to proxy"),
+            "{protocol}: {}",
+            proxy.log()
+        );
+    }
+}
+
 /// How many responses of `status` the proxy counted for `route`.
 /// Wait until the proxy has counted `n` responses of `status` for `route`.
 /// Metrics are recorded after the response is sent, so a client can be faster.

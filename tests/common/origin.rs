@@ -305,11 +305,18 @@ async fn handle(
         Some(len) => Bytes::from(super::body_of(len)),
         None => Bytes::from(format!("{} {method} {uri} {body_len}\n", options.name)),
     };
-    Ok(Response::builder()
+    let response = Response::builder()
         .status(options.status)
-        .header("x-origin", options.name.as_str())
-        .body(Full::new(body))
-        .expect("response"))
+        .header("x-origin", options.name.as_str());
+    // As a server must (RFC 9110 §9.3.2): a GET's header, no body. hyper leaves the
+    // body out of an HTTP/1 answer to HEAD by itself, but sends it as DATA over HTTP/2,
+    // which an HTTP/2 client must treat as a malformed response.
+    let (response, body) = if method == "HEAD" {
+        (response.header("content-length", body.len()), Bytes::new())
+    } else {
+        (response, body)
+    };
+    Ok(response.body(Full::new(body)).expect("response"))
 }
 
 pub fn hex(bytes: &[u8]) -> String {
