@@ -281,6 +281,11 @@ impl ClientGate {
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
+            // Like NGINX: a response that starts before the request body is in (an
+            // upstream answering early) still lets the connection carry the next
+            // request once the rest of the body is read, within the body timeout.
+            session.set_close_on_response_before_downstream_finish(false);
+            session.set_total_drain_timeout(Some(limits.body_timeout()));
             session.set_read_timeout(Some(limits.body_timeout()));
             session.set_write_timeout(Some(limits.send_timeout()));
             state.header_received.store(false, Ordering::Relaxed);

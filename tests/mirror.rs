@@ -541,6 +541,60 @@ async fn a_primary_retried_mid_body_replays_nothing_to_the_shadow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_is_in_keeps_the_connection_and_the_whole_body_still_goes() {
+    // The primary answers as soon as it has the header (as an upload endpoint refusing
+    // early, or NGINX's `return`, does). The proxy relays that answer while the client
+    // is still sending, forwards the rest of the body to the primary and the shadow,
+    // and, as NGINX does, keeps the client's connection for its next request.
+    let primary = RawOrigin::start(Misbehavior::AnswersBeforeBody).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start(&mirrored(
+        &[primary.addr],
+        &[shadow.addr],
+        "percentage: 100\nmethods: [PUT]",
+    ))
+    .await;
+    let data = body_of(300_000);
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT /early HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&data[..10_000]).await.unwrap();
+    let (status, body) = read_response(&mut stream)
+        .await
+        .expect("the answer arrives while the body is still being sent");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(
+        !status.to_ascii_lowercase().contains("connection: close"),
+        "{status}"
+    );
+    assert_eq!(body, b"ok");
+    stream.write_all(&data[10_000..]).await.unwrap();
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut stream)
+        .await
+        .expect("the connection carries the next request");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, b"ok");
+
+    assert_eq!(
+        primary.answered().first(),
+        Some(&data),
+        "the primary got the whole body"
+    );
+    let at_shadow = shadow.wait_for(1, WAIT).await;
+    assert_eq!(at_shadow.len(), 1, "only the PUT is mirrored");
+    assert_eq!(at_shadow[0].body_len, data.len() as u64);
+    assert_eq!(at_shadow[0].body_sha256, sha256_hex(&data));
+    wait_completed(&proxy, 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodiless_requests_mirror_over_http2_upstreams() {
     // With an HTTP/2 upstream Pingora never calls the body filter for an empty
     // body; the shadow must finish without waiting for it.

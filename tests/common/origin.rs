@@ -342,6 +342,9 @@ pub enum Misbehavior {
     /// body; every other request is answered `200 ok`. A proxy's reused
     /// connection failing mid-body.
     ResetReusedMidBody(usize),
+    /// A keep-alive origin (Content-Length bodies only) that answers `200 ok` as soon
+    /// as it has a request's header, then reads the body before the next request.
+    AnswersBeforeBody,
 }
 
 /// A TCP origin that breaks the protocol on purpose. Counts accepted connections.
@@ -396,7 +399,10 @@ impl RawOrigin {
                         }
                         Misbehavior::ResetReusedMidBody(after) => {
                             let reset_after = (index == 0).then_some(after);
-                            serve_keep_alive(stream, reset_after, log).await;
+                            serve_keep_alive(stream, reset_after, false, log).await;
+                        }
+                        Misbehavior::AnswersBeforeBody => {
+                            serve_keep_alive(stream, None, true, log).await;
                         }
                         Misbehavior::Stall => {
                             // Hold the connection open, unread, until the peer gives up.
@@ -425,12 +431,15 @@ impl RawOrigin {
     }
 }
 
-/// Minimal HTTP/1.1 keep-alive server for Content-Length bodies.
+/// Minimal HTTP/1.1 keep-alive server for Content-Length bodies; `answer_early`
+/// answers each request once its header is in, before reading its body.
 async fn serve_keep_alive(
     mut stream: tokio::net::TcpStream,
     reset_second_request_after: Option<usize>,
+    answer_early: bool,
     log: Arc<Mutex<Vec<Vec<u8>>>>,
 ) {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
     for request_index in 0.. {
@@ -460,6 +469,9 @@ async fn serve_keep_alive(
             let _ = stream.set_zero_linger();
             return;
         }
+        if answer_early && stream.write_all(ANSWER).await.is_err() {
+            return;
+        }
         while buf.len() < head_end + length {
             match stream.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
@@ -469,11 +481,7 @@ async fn serve_keep_alive(
         let body = buf[head_end..head_end + length].to_vec();
         buf.drain(..head_end + length);
         log.lock().expect("answered log").push(body);
-        if stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            .await
-            .is_err()
-        {
+        if !answer_early && stream.write_all(ANSWER).await.is_err() {
             return;
         }
     }
