@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use bytes::Bytes;
 use log::debug;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
@@ -17,7 +16,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::budget::QueuedChunk;
 use super::conns;
-use super::h1::ShadowH1;
+use super::h1::{MAX_PIECES_PER_WRITE, ShadowH1};
 use super::wire::H1Request;
 use super::{AbandonReason, Mirror};
 use crate::compare::capture::{Capture, Capturer};
@@ -231,23 +230,40 @@ impl ShadowSession {
                 Err(e) => return Outcome::Abandoned(e.reason()),
             },
         };
+        // Chunks the primary queued while this task waited go out together.
+        let mut batch: Vec<QueuedChunk> = Vec::new();
         while let Some(feed) = &mut self.body {
+            let mut ended = false;
             match feed.inbox.recv().await {
-                Some(ShadowMsg::Chunk(chunk)) => {
-                    let len = chunk.bytes().len() as u64;
-                    if let Err(e) = conn.send_body(chunk.bytes()).await {
-                        debug!("shadow body to {} failed: {e}", self.peer);
-                        return Outcome::Abandoned(UpstreamError);
-                    }
-                    // The chunk's bytes leave the queue account only now, once written.
-                    drop(chunk);
-                    self.mirror.metrics.bytes.inc_by(len);
-                }
+                Some(ShadowMsg::Chunk(chunk)) => batch.push(chunk),
                 Some(ShadowMsg::End) => break,
                 None => {
                     conn.shutdown().await;
                     return Outcome::Abandoned(PrimaryAborted);
                 }
+            }
+            while batch.len() < MAX_PIECES_PER_WRITE {
+                match feed.inbox.try_recv() {
+                    Ok(ShadowMsg::Chunk(chunk)) => batch.push(chunk),
+                    Ok(ShadowMsg::End) => {
+                        ended = true;
+                        break;
+                    }
+                    // Nothing more yet; a closed inbox is seen by the next `recv`.
+                    Err(_) => break,
+                }
+            }
+            // Boxed: the write's framing arrays would otherwise grow every shadow's task.
+            if let Err(e) = Box::pin(conn.send_body(&batch)).await {
+                debug!("shadow body to {} failed: {e}", self.peer);
+                return Outcome::Abandoned(UpstreamError);
+            }
+            let len: usize = batch.iter().map(|chunk| chunk.bytes().len()).sum();
+            // The chunks' bytes leave the queue account only now, once written.
+            batch.clear();
+            self.mirror.metrics.bytes.inc_by(len as u64);
+            if ended {
+                break;
             }
         }
         if let Err(e) = conn.finish_body().await {
@@ -495,14 +511,26 @@ enum Conn {
 }
 
 impl Conn {
-    async fn send_body(&mut self, piece: &Bytes) -> Result<(), String> {
+    /// Send consecutive body chunks (at most `MAX_PIECES_PER_WRITE`).
+    async fn send_body(&mut self, chunks: &[QueuedChunk]) -> Result<(), String> {
         match self {
-            Conn::H1(h1) => h1.send_body(piece).await.map_err(|e| e.to_string()),
-            Conn::H2(session) => session
-                .write_request_body(piece.clone(), false)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string()),
+            Conn::H1(h1) => {
+                let mut pieces: [&[u8]; MAX_PIECES_PER_WRITE] = [&[]; MAX_PIECES_PER_WRITE];
+                for (piece, chunk) in pieces.iter_mut().zip(chunks) {
+                    *piece = chunk.bytes();
+                }
+                let pieces = &pieces[..chunks.len().min(MAX_PIECES_PER_WRITE)];
+                h1.send_body(pieces).await.map_err(|e| e.to_string())
+            }
+            Conn::H2(session) => {
+                for chunk in chunks {
+                    session
+                        .write_request_body(chunk.bytes().clone(), false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
         }
     }
 
