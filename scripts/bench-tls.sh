@@ -126,6 +126,8 @@ grace_period_seconds: 1
 graceful_shutdown_timeout_seconds: 1
 listeners:
   - address: "127.0.0.1:$P_SG"
+    # As NGINX's keepalive_requests below: no new handshakes within a run.
+    client: { keepalive_requests: 1000000 }
     tls:
       certificates:
         - { cert: "$WORK/cert.pem", key: "$WORK/key.pem" }
