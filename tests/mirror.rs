@@ -510,13 +510,14 @@ async fn a_primary_retried_mid_body_replays_nothing_to_the_shadow() {
     assert!(warm.starts_with("HTTP/1.1 200"), "{warm}");
 
     let data = body_of(20_000);
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!(
-        "PUT /replay HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        data.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&data[..5_000]).await.unwrap();
+    let mut stream = start_put(
+        &proxy,
+        "/replay",
+        "Connection: close\r\n",
+        &data[..5_000],
+        data.len(),
+    )
+    .await;
     // The reset makes Pingora retry on a second connection; only then send the rest.
     let deadline = Instant::now() + WAIT;
     while primary.connections() < 2 {
@@ -532,12 +533,33 @@ async fn a_primary_retried_mid_body_replays_nothing_to_the_shadow() {
         Some(&data),
         "the retried primary got the whole body"
     );
-    let at_shadow = &shadow.wait_for(1, WAIT).await;
-    assert_eq!(at_shadow.len(), 1);
-    let put = &at_shadow[0];
-    assert_eq!(put.body_len, data.len() as u64);
-    assert_eq!(put.body_sha256, sha256_hex(&data));
-    wait_completed(&proxy, 1.0).await;
+    shadow_got_the_whole_body(&proxy, &shadow, &data).await;
+}
+
+/// Send a PUT's header (plus `fields`, each line ending in CRLF) declaring `length`
+/// bytes of body, and `first` of them.
+async fn start_put(
+    proxy: &Proxy,
+    path: &str,
+    fields: &str,
+    first: &[u8],
+    length: usize,
+) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head =
+        format!("PUT {path} HTTP/1.1\r\nHost: t\r\n{fields}Content-Length: {length}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first).await.unwrap();
+    stream
+}
+
+/// The one mirrored request reached the shadow with exactly `data` as its body, and completed.
+async fn shadow_got_the_whole_body(proxy: &Proxy, shadow: &Origin, data: &[u8]) {
+    let at_shadow = shadow.wait_for(1, WAIT).await;
+    assert_eq!(at_shadow.len(), 1, "one request mirrored");
+    assert_eq!(at_shadow[0].body_len, data.len() as u64);
+    assert_eq!(at_shadow[0].body_sha256, sha256_hex(data));
+    wait_completed(proxy, 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,13 +577,7 @@ async fn an_answer_before_the_body_is_in_keeps_the_connection_and_the_whole_body
     ))
     .await;
     let data = body_of(300_000);
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!(
-        "PUT /early HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
-        data.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&data[..10_000]).await.unwrap();
+    let mut stream = start_put(&proxy, "/early", "", &data[..10_000], data.len()).await;
     let (status, body) = read_response(&mut stream)
         .await
         .expect("the answer arrives while the body is still being sent");
@@ -587,11 +603,7 @@ async fn an_answer_before_the_body_is_in_keeps_the_connection_and_the_whole_body
         Some(&data),
         "the primary got the whole body"
     );
-    let at_shadow = shadow.wait_for(1, WAIT).await;
-    assert_eq!(at_shadow.len(), 1, "only the PUT is mirrored");
-    assert_eq!(at_shadow[0].body_len, data.len() as u64);
-    assert_eq!(at_shadow[0].body_sha256, sha256_hex(&data));
-    wait_completed(&proxy, 1.0).await;
+    shadow_got_the_whole_body(&proxy, &shadow, &data).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
