@@ -232,6 +232,39 @@ async fn slow_body_is_answered_408_at_body_timeout() {
 }
 
 #[tokio::test]
+async fn a_body_left_unfinished_after_an_early_answer_is_closed_at_body_timeout() {
+    // The upstream answers at the header; the client then sends nothing more of its
+    // body. The kept connection waits for the rest only as long as the body timeout.
+    let early = RawOrigin::start(Misbehavior::AnswersBeforeBody).await;
+    let proxy = Proxy::start_with_listener(
+        "    client: { body_timeout_ms: 500 }",
+        &format!(
+            "upstreams:\n{}routes:\n  - {{ name: all, upstream: early }}\n",
+            pool("early", &[early.addr], "")
+        ),
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"PUT /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\nfirst bytes",
+        )
+        .await
+        .expect("write");
+    let (status, _) = read_response(&mut stream)
+        .await
+        .expect("the early answer is relayed");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let took = time_to_close(&mut stream, WAIT)
+        .await
+        .expect("the connection is closed, not held");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn client_that_does_not_read_is_dropped_at_send_timeout() {
     const LARGE: usize = 64 * 1024 * 1024;
     let origin = Origin::start(OriginOptions::named("big").response_bytes(LARGE)).await;
