@@ -252,6 +252,9 @@ impl ClientGate {
         // The connection's two clocks, each re-armed only when a request needs it (see `rearmed`).
         let mut idle_timer = pin!(sleep(Duration::ZERO));
         let mut header_timer = pin!(sleep(Duration::ZERO));
+        // One wait for shutdown per connection, kept between requests: making one per
+        // idle wait cost a clone of the watch and a waiter registration each time.
+        let mut shutdown_begins = pin!(shutting_down(shutdown));
         while let Some((mut stream, settings)) = next.take() {
             // A pipelined request is already read (Pingora holds its bytes), so
             // waiting for the socket would stall it until the keep-alive timeout.
@@ -259,8 +262,13 @@ impl ClientGate {
             if !first
                 && can_peek
                 && !pipelined
-                && !next_request_arrives(&mut stream, keepalive, idle_timer.as_mut(), shutdown)
-                    .await
+                && !next_request_arrives(
+                    &mut stream,
+                    keepalive,
+                    idle_timer.as_mut(),
+                    shutdown_begins.as_mut(),
+                )
+                .await
             {
                 return;
             }
@@ -331,7 +339,7 @@ async fn next_request_arrives(
     stream: &mut Stream,
     keepalive: Option<Duration>,
     timer: Pin<&mut Sleep>,
-    shutdown: &ShutdownWatch,
+    shutdown_begins: Pin<&mut impl Future<Output = ()>>,
 ) -> bool {
     let Some(keepalive) = keepalive else {
         return false;
@@ -343,7 +351,7 @@ async fn next_request_arrives(
         // `try_peek` reads one byte and puts it back for the header parser.
         peeked = stream.try_peek(&mut first_byte) => matches!(peeked, Ok(true)),
         _ = rearmed(timer, keepalive) => false,
-        _ = shutting_down(shutdown) => false,
+        _ = shutdown_begins => false,
     }
 }
 

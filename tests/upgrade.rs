@@ -833,6 +833,51 @@ async fn sigterm_with_a_request_in_flight() -> Response {
     resp
 }
 
+/// A kept-alive connection idle between requests when SIGTERM arrives is closed at
+/// once, not left to its keep-alive timeout or the end of the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keepalive_connection_is_closed_when_a_graceful_stop_begins() {
+    let origin = Origin::start(OriginOptions::named("app")).await;
+    let setup = Setup::new(origin.addr, 3);
+    let mut proxy = setup.start("proxy", &[]);
+    proxy
+        .wait_listening(&[setup.addr, setup.metrics_addr])
+        .await;
+    let mut conn = BufReader::new(TcpStream::connect(setup.addr).await.expect("connect"));
+    for _ in 0..2 {
+        conn.get_mut()
+            .write_all(b"GET /idle HTTP/1.1\r\nHost: term.test\r\n\r\n")
+            .await
+            .expect("send");
+        let resp = timeout(REQUEST_TIMEOUT, read_response(&mut conn))
+            .await
+            .expect("response within the timeout")
+            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", proxy.log()));
+        assert_eq!(resp.status, 200);
+        assert!(!resp.close, "kept alive before the stop");
+    }
+    let term_at = Instant::now();
+    proxy.signal("TERM");
+    let mut rest = Vec::new();
+    let closed = timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    let closed_after = term_at.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0))) && rest.is_empty(),
+        "the idle connection was not closed cleanly: {closed:?} {rest:?}"
+    );
+    // The grace period (3 s) keeps the process, and its sockets, alive well past this.
+    assert!(
+        closed_after < Duration::from_secs(1),
+        "closed only {closed_after:?} after SIGTERM"
+    );
+    let status = proxy.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}:\n{}", proxy.log());
+    assert!(
+        term_at.elapsed() >= Duration::from_secs(3),
+        "exited before the grace period ended"
+    );
+}
+
 /// During a long graceful stop, SIGINT still means "stop now".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_during_a_graceful_stop_exits_at_once() {
