@@ -56,6 +56,9 @@ Usage: scripts/bench.sh [options]
                         the shadow-verdict target uses compare_c16)
   --no-build            use the existing target/release/shadowgate and
                         target/release/examples/bare_pingora
+  --pgo                 measure a profile-guided build (scripts/build-pgo.sh,
+                        into target/pgo/release) instead of the plain release one
+  --bin-dir DIR         use DIR/shadowgate and DIR/examples/bare_pingora (no build)
   --no-install          never install missing tools, only name them
   --out DIR             results folder (default results/<timestamp>)
   -h, --help            this help
@@ -99,6 +102,7 @@ PORT_BASE=18000
 SETTLE_MAX=""
 ONLY=""
 BUILD=1
+BIN_DIR="$REPO/target/release"
 INSTALL=1
 OUT=""
 while [ $# -gt 0 ]; do
@@ -118,6 +122,8 @@ while [ $# -gt 0 ]; do
         --settle-max) SETTLE_MAX=$2; shift ;;
         --only) ONLY=$2; shift ;;
         --no-build) BUILD=0 ;;
+        --pgo) BUILD=pgo ;;
+        --bin-dir) BIN_DIR=$2; BUILD=0; shift ;;
         --no-install) INSTALL=0 ;;
         --out) OUT=$2; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -200,10 +206,18 @@ fi
 : "${THREADS:=$PROXY_CPU_COUNT}"
 
 # --- build --------------------------------------------------------------------
-SG="$REPO/target/release/shadowgate"
+if [ "$BUILD" = pgo ]; then
+    BIN_DIR="$REPO/target/pgo/release"
+fi
+SG="$BIN_DIR/shadowgate"
 # Bare Pingora, the CPU floor of Pingora itself: same release profile and allocator.
-BARE="$REPO/target/release/examples/bare_pingora"
-if [ "$BUILD" = 1 ]; then
+BARE="$BIN_DIR/examples/bare_pingora"
+if [ "$BUILD" = pgo ]; then
+    sg_say "building profile-guided binaries (scripts/build-pgo.sh)"
+    BUILD_T0=$(date +%s)
+    bash "$REPO/scripts/build-pgo.sh" >&2 || sg_die "scripts/build-pgo.sh failed"
+    BUILD_S=$(( $(date +%s) - BUILD_T0 ))
+elif [ "$BUILD" = 1 ]; then
     command -v cargo >/dev/null 2>&1 || sg_die "cargo not found; install Rust with rustup (https://rustup.rs) or pass --no-build with a built target/release/shadowgate"
     sg_say "building the release binaries (cargo build --release --bin shadowgate --example bare_pingora)"
     BUILD_T0=$(date +%s)
@@ -429,6 +443,7 @@ m = {
   "versions": {
     "shadowgate": """$("$SG" --version 2>&1 | head -1)""",
     "git": """$(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo unknown)""",
+    "build": "$([ "$BUILD" = pgo ] && echo "profile-guided (scripts/build-pgo.sh)" || echo "release, $BIN_DIR")",
     "nginx": """$("$NGINX" -v 2>&1 | head -1)""",
     "wrk": """$("$WRK" -v 2>&1 | head -1 | sed "s/ \[.*//")""",
     "oha": """$("$OHA" --version 2>&1 | head -1)""",

@@ -559,6 +559,8 @@ def build(out, elapsed, build_s=None):
     w("")
     v = manifest["versions"]
     w(f"- {v['shadowgate']} ({v['git']}), {v['nginx']}, {v['wrk']}, {v['oha']}")
+    if v.get("build"):
+        w(f"- shadowgate and bare Pingora build: {v['build']}")
     w(f"- {manifest['cpu_count']} CPUs ({v['cpu']}), Linux {v['kernel']}")
     if manifest["pinned"]:
         w(f"- proxies pinned to CPU {manifest['proxy_cpus']} with **{manifest['threads']}** thread(s) "
