@@ -387,7 +387,6 @@ impl ShadowH1 {
     }
 }
 
-/// Write every byte of `parts`, in as few writes as the socket takes.
 /// Write `len` as a chunk size line (hex, CRLF) into `out`; returns its length.
 fn chunk_size_line(len: usize, out: &mut [u8; CHUNK_SIZE_LINE_BYTES]) -> usize {
     let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
@@ -400,6 +399,7 @@ fn chunk_size_line(len: usize, out: &mut [u8; CHUNK_SIZE_LINE_BYTES]) -> usize {
     digits + 2
 }
 
+/// Write every byte of `parts`, in as few writes as the socket takes.
 async fn write_all_vectored(stream: &mut TcpStream, mut parts: &mut [IoSlice<'_>]) -> Result<()> {
     while !parts.is_empty() {
         let n = stream.write_vectored(parts).await?;
