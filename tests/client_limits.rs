@@ -21,15 +21,16 @@ async fn proxy_with_client(client: &str) -> (Proxy, Origin) {
 /// A proxy in front of one recording origin, with these listener settings.
 async fn proxy_with_listener(listener_extra: &str) -> (Proxy, Origin) {
     let origin = Origin::start(OriginOptions::named("app")).await;
-    let proxy = Proxy::start_with_listener(
-        listener_extra,
-        &format!(
-            "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-            pool("app", &[origin.addr], "")
-        ),
-    )
-    .await;
+    let proxy = Proxy::start_with_listener(listener_extra, &one_route("app", origin.addr)).await;
     (proxy, origin)
+}
+
+/// Config text: one pool of one server, and a route sending everything to it.
+fn one_route(pool_name: &str, server: SocketAddr) -> String {
+    format!(
+        "upstreams:\n{}routes:\n  - {{ name: all, upstream: {pool_name} }}\n",
+        pool(pool_name, &[server], "")
+    )
 }
 
 const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: test\r\n\r\n";
@@ -238,10 +239,7 @@ async fn a_body_left_unfinished_after_an_early_answer_is_closed_at_body_timeout(
     let early = RawOrigin::start(Misbehavior::AnswersBeforeBody).await;
     let proxy = Proxy::start_with_listener(
         "    client: { body_timeout_ms: 500 }",
-        &format!(
-            "upstreams:\n{}routes:\n  - {{ name: all, upstream: early }}\n",
-            pool("early", &[early.addr], "")
-        ),
+        &one_route("early", early.addr),
     )
     .await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
@@ -268,14 +266,8 @@ async fn a_body_left_unfinished_after_an_early_answer_is_closed_at_body_timeout(
 async fn client_that_does_not_read_is_dropped_at_send_timeout() {
     const LARGE: usize = 64 * 1024 * 1024;
     let origin = Origin::start(OriginOptions::named("big").response_bytes(LARGE)).await;
-    let proxy = Proxy::start_with_client(
-        "{ send_timeout_ms: 500 }",
-        &format!(
-            "upstreams:\n{}routes:\n  - {{ name: all, upstream: app }}\n",
-            pool("app", &[origin.addr], "")
-        ),
-    )
-    .await;
+    let proxy =
+        Proxy::start_with_client("{ send_timeout_ms: 500 }", &one_route("app", origin.addr)).await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     stream.write_all(GET).await.expect("write");
     origin.wait_for(1, WAIT).await;

@@ -70,6 +70,15 @@ impl Setup {
     }
 
     /// Start `shadowgate -c CONFIG EXTRA...`, logging to `NAME.log` in the private directory.
+    /// A process on this setup, started and listening on the proxy and metrics ports.
+    async fn serving(&self, name: &str) -> Process {
+        let mut process = self.start(name, &[]);
+        process
+            .wait_listening(&[self.addr, self.metrics_addr])
+            .await;
+        process
+    }
+
     fn start(&self, name: &str, extra_args: &[&str]) -> Process {
         let log = self.dir.path().join(format!("{name}.log"));
         Process {
@@ -625,8 +634,7 @@ async fn upgrade_under_load() {
     let started = Instant::now();
     let origin = Origin::start(OriginOptions::named("app")).await;
     let setup = Setup::new(origin.addr, 2);
-    let mut old = setup.start("old", &[]);
-    old.wait_listening(&[setup.addr, setup.metrics_addr]).await;
+    let mut old = setup.serving("old").await;
     assert_eq!(setup.metrics_pid().await, old.pid());
     // The proxy and the metrics listeners are both handed over.
     let socket = the_listening_socket(setup.addr);
@@ -765,10 +773,7 @@ async fn sigterm_with_a_request_in_flight() -> Response {
         Origin::start(OriginOptions::named("slow").response_delay(Duration::from_millis(1500)))
             .await;
     let setup = Setup::new(origin.addr, 3);
-    let mut proxy = setup.start("proxy", &[]);
-    proxy
-        .wait_listening(&[setup.addr, setup.metrics_addr])
-        .await;
+    let mut proxy = setup.serving("proxy").await;
 
     let mut conn = BufReader::new(TcpStream::connect(setup.addr).await.expect("connect"));
     conn.get_mut()
@@ -839,10 +844,7 @@ async fn sigterm_with_a_request_in_flight() -> Response {
 async fn an_idle_keepalive_connection_is_closed_when_a_graceful_stop_begins() {
     let origin = Origin::start(OriginOptions::named("app")).await;
     let setup = Setup::new(origin.addr, 3);
-    let mut proxy = setup.start("proxy", &[]);
-    proxy
-        .wait_listening(&[setup.addr, setup.metrics_addr])
-        .await;
+    let mut proxy = setup.serving("proxy").await;
     let mut conn = BufReader::new(TcpStream::connect(setup.addr).await.expect("connect"));
     for _ in 0..2 {
         conn.get_mut()
@@ -883,10 +885,7 @@ async fn an_idle_keepalive_connection_is_closed_when_a_graceful_stop_begins() {
 async fn sigint_during_a_graceful_stop_exits_at_once() {
     let origin = Origin::start(OriginOptions::named("app")).await;
     let setup = Setup::new(origin.addr, 300);
-    let mut proxy = setup.start("proxy", &[]);
-    proxy
-        .wait_listening(&[setup.addr, setup.metrics_addr])
-        .await;
+    let mut proxy = setup.serving("proxy").await;
     proxy.signal("TERM");
     proxy
         .wait_for_log("graceful stop under way; SIGINT stops at once", WAIT)
