@@ -164,9 +164,15 @@ impl ShadowH1 {
     /// own (a chunked body gets one chunk per non-empty piece; a body with a length is
     /// cut at it), so the bytes on the wire are those of writing them one by one: but
     /// one syscall, and one wake-up of the server, instead of one per piece.
-    /// At most `MAX_PIECES_PER_WRITE` pieces are written; the caller batches to it.
+    /// More than `MAX_PIECES_PER_WRITE` pieces take one write per that many.
     pub async fn send_body(&mut self, pieces: &[&[u8]]) -> Result<()> {
-        let pieces = &pieces[..pieces.len().min(MAX_PIECES_PER_WRITE)];
+        for group in pieces.chunks(MAX_PIECES_PER_WRITE) {
+            self.send_body_group(group).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_body_group(&mut self, pieces: &[&[u8]]) -> Result<()> {
         let mut size_lines = [[0u8; CHUNK_SIZE_LINE_BYTES]; MAX_PIECES_PER_WRITE];
         let mut parts: [IoSlice<'_>; 3 * MAX_PIECES_PER_WRITE] =
             [IoSlice::new(&[]); 3 * MAX_PIECES_PER_WRITE];
@@ -788,8 +794,12 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_body_with_a_length_is_written_whole_and_cut_at_its_length() {
+    /// A PUT with `length` bytes of body, written by `send`; what the server received.
+    async fn put_with_length<F, Fut>(length: usize, send: F) -> String
+    where
+        F: FnOnce(ShadowH1) -> Fut,
+        Fut: std::future::Future<Output = ShadowH1>,
+    {
         use tokio::net::TcpListener;
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -802,17 +812,41 @@ mod tests {
         });
         let mut req = RequestHeader::build("PUT", b"/x", None).unwrap();
         req.insert_header("host", "shadow").unwrap();
-        req.insert_header("content-length", "6").unwrap();
+        req.insert_header("content-length", length.to_string())
+            .unwrap();
         let wire = crate::mirror::wire::ShadowEdits::default()
             .h1_request(&req, true)
             .unwrap();
         let stream = TcpStream::connect(addr).await.unwrap();
-        let mut h1 = ShadowH1::send_header(stream, &wire, false).await.unwrap();
-        h1.send_body(&[b"abc", b"", b"de"]).await.unwrap();
-        h1.send_body(&[b"fgh"]).await.unwrap();
+        let h1 = ShadowH1::send_header(stream, &wire, false).await.unwrap();
+        let mut h1 = send(h1).await;
         h1.finish_body().await.unwrap();
         h1.shutdown().await;
-        let text = String::from_utf8(server.await.unwrap()).unwrap();
+        String::from_utf8(server.await.unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn more_pieces_than_one_write_takes_all_go_out() {
+        let text = put_with_length(40, |mut h1| async move {
+            let pieces: Vec<&[u8]> = vec![b"ab"; 20];
+            h1.send_body(&pieces).await.unwrap();
+            h1
+        })
+        .await;
+        assert!(
+            text.ends_with(&format!("\r\n\r\n{}", "ab".repeat(20))),
+            "{text:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_with_a_length_is_written_whole_and_cut_at_its_length() {
+        let text = put_with_length(6, |mut h1| async move {
+            h1.send_body(&[b"abc", b"", b"de"]).await.unwrap();
+            h1.send_body(&[b"fgh"]).await.unwrap();
+            h1
+        })
+        .await;
         assert!(text.ends_with("\r\n\r\nabcdef"), "{text:?}");
     }
 

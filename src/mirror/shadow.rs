@@ -511,16 +511,20 @@ enum Conn {
 }
 
 impl Conn {
-    /// Send consecutive body chunks (at most `MAX_PIECES_PER_WRITE`).
+    /// Send consecutive body chunks, `MAX_PIECES_PER_WRITE` per write to an HTTP/1 shadow.
     async fn send_body(&mut self, chunks: &[QueuedChunk]) -> Result<(), String> {
         match self {
             Conn::H1(h1) => {
-                let mut pieces: [&[u8]; MAX_PIECES_PER_WRITE] = [&[]; MAX_PIECES_PER_WRITE];
-                for (piece, chunk) in pieces.iter_mut().zip(chunks) {
-                    *piece = chunk.bytes();
+                for group in chunks.chunks(MAX_PIECES_PER_WRITE) {
+                    let mut pieces: [&[u8]; MAX_PIECES_PER_WRITE] = [&[]; MAX_PIECES_PER_WRITE];
+                    for (piece, chunk) in pieces.iter_mut().zip(group) {
+                        *piece = chunk.bytes();
+                    }
+                    h1.send_body(&pieces[..group.len()])
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
-                let pieces = &pieces[..chunks.len().min(MAX_PIECES_PER_WRITE)];
-                h1.send_body(pieces).await.map_err(|e| e.to_string())
+                Ok(())
             }
             Conn::H2(session) => {
                 for chunk in chunks {
