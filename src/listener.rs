@@ -381,7 +381,7 @@ async fn header_deadline(state: &RequestState, timer: Pin<&mut Sleep>, limit: Du
 /// moving a registered tokio timer's deadline later only stores a number (tokio re-files the
 /// timer when the old deadline comes), where a new timer per request costs an insert and a
 /// removal in tokio's timer wheel and, being the earliest timer, often an eventfd write by
-/// which tokio wakes its own thread (counted with `perf trace`: README, "Performance").
+/// which tokio wakes its own thread (counted with `perf trace`: docs/bench/history.md).
 async fn rearmed(mut timer: Pin<&mut Sleep>, limit: Duration) {
     timer.as_mut().reset(Instant::now() + limit);
     timer.await

@@ -39,7 +39,7 @@ const MAX_SELECT_ITERATIONS: usize = 256;
 /// Pingora's `LoadBalancer::select_with` walks the same iterator, but for each
 /// candidate it hashes the backend with SipHash twice (to skip repeats in a set it
 /// allocates, and to look up its health), about 0.2 µs per pick, once for the primary
-/// and once per shadow (README, Performance). A pool's servers are fixed at load, so
+/// and once per shadow (docs/bench/history.md). A pool's servers are fixed at load, so
 /// each is numbered then, and its health is one atomic flag.
 enum Picker {
     RoundRobin(Arc<RoundRobin>),
