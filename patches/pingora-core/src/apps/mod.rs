@@ -17,6 +17,7 @@
 pub mod http_app;
 
 use crate::server::ShutdownWatch;
+use pingora_error::Error;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use log::{debug, error};
@@ -27,6 +28,7 @@ use std::time::Duration;
 use crate::protocols::http::v2::server;
 use crate::protocols::http::{ReusableHttpStream, ServerSession};
 use crate::protocols::Digest;
+use crate::protocols::l4::socket::SocketAddr;
 use crate::protocols::Stream;
 use crate::protocols::ALPN;
 
@@ -57,6 +59,19 @@ pub trait ServerApp {
 
     /// This callback will be called once after the service stops listening to its endpoints.
     async fn cleanup(&self) {}
+
+    /// Called when the handshake of a new connection (pre-TLS processing, then the TLS
+    /// handshake) fails or times out, before the connection is dropped. `peer` is the
+    /// client's address when known.
+    ///
+    /// Logs the failure at error level unless overridden: an application facing the internet
+    /// may rather count these failures and log them at a lower level.
+    fn handshake_failed(&self, peer: Option<&SocketAddr>, error: &Error) {
+        match peer {
+            Some(addr) => error!("Downstream handshake error from {addr}: {error}"),
+            None => error!("Downstream handshake error: {error}"),
+        }
+    }
 }
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]

@@ -81,7 +81,7 @@ use crate::server::ListenFds;
 
 use async_trait::async_trait;
 use pingora_error::Result;
-use std::{any::Any, fs::Permissions, sync::Arc};
+use std::{any::Any, fs::Permissions, sync::Arc, time::Duration};
 
 use l4::{ListenerEndpoint, Stream as L4Stream};
 use tls::{Acceptor, TlsSettings};
@@ -118,6 +118,10 @@ pub trait TlsAccept {
         None
     }
 }
+
+/// How long the handshake of a new connection may take unless its endpoint
+/// sets its own [`ListenerConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub type TlsAcceptCallbacks = Box<dyn TlsAccept + Send + Sync>;
 #[cfg(any(feature = "openssl_derived", feature = "rustls"))]
@@ -165,6 +169,7 @@ struct TransportStackBuilder {
     l4: ServerAddress,
     tls: Option<TlsSettings>,
     l4_buffer: L4BufferSettings,
+    handshake_timeout: Duration,
     #[cfg(feature = "connection_filter")]
     connection_filter: Option<Arc<dyn ConnectionFilter>>,
     pre_tls_callback: Option<PreTlsCallback>,
@@ -194,6 +199,7 @@ impl TransportStackBuilder {
             l4,
             tls: self.tls.take().map(|tls| Arc::new(tls.build())),
             l4_buffer: self.l4_buffer,
+            handshake_timeout: self.handshake_timeout,
             pre_tls_callback: self.pre_tls_callback.clone(),
         })
     }
@@ -208,6 +214,7 @@ pub struct ListenerConfig {
     l4: ServerAddress,
     tls: Option<TlsSettings>,
     l4_buffer: L4BufferSettings,
+    handshake_timeout: Duration,
 }
 
 impl ListenerConfig {
@@ -217,6 +224,7 @@ impl ListenerConfig {
             l4: ServerAddress::Tcp(addr.into(), None),
             tls: None,
             l4_buffer: L4BufferSettings::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -227,6 +235,7 @@ impl ListenerConfig {
             l4: ServerAddress::Uds(addr.into(), None),
             tls: None,
             l4_buffer: L4BufferSettings::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -275,6 +284,14 @@ impl ListenerConfig {
         self.l4_buffer = settings;
         self
     }
+
+    /// Set how long the handshake of a new connection (pre-TLS processing and
+    /// the TLS handshake) may take on this endpoint before the connection is
+    /// dropped. Defaults to [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
 }
 
 #[derive(Clone)]
@@ -282,6 +299,7 @@ pub(crate) struct TransportStack {
     l4: ListenerEndpoint,
     tls: Option<Arc<Acceptor>>,
     l4_buffer: L4BufferSettings,
+    handshake_timeout: Duration,
     pre_tls_callback: Option<PreTlsCallback>,
 }
 
@@ -296,6 +314,7 @@ impl TransportStack {
             l4: stream,
             tls: self.tls.clone(),
             l4_buffer: self.l4_buffer,
+            handshake_timeout: self.handshake_timeout,
             pre_tls_callback: self.pre_tls_callback.clone(),
         })
     }
@@ -309,6 +328,7 @@ pub(crate) struct UninitializedStream {
     l4: L4Stream,
     tls: Option<Arc<Acceptor>>,
     l4_buffer: L4BufferSettings,
+    handshake_timeout: Duration,
     pre_tls_callback: Option<PreTlsCallback>,
 }
 
@@ -326,6 +346,11 @@ impl UninitializedStream {
         } else {
             Ok(Box::new(self.l4))
         }
+    }
+
+    /// How long [`Self::handshake`] may take on this endpoint.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
     }
 
     /// Get the peer address of the connection if available
@@ -450,11 +475,17 @@ impl Listeners {
 
     /// Add the given listener endpoint to `self`.
     pub fn add_listener(&mut self, endpoint: ListenerConfig) {
-        let ListenerConfig { l4, tls, l4_buffer } = endpoint;
+        let ListenerConfig {
+            l4,
+            tls,
+            l4_buffer,
+            handshake_timeout,
+        } = endpoint;
         self.stacks.push(TransportStackBuilder {
             l4,
             tls,
             l4_buffer,
+            handshake_timeout,
             #[cfg(feature = "connection_filter")]
             connection_filter: self.connection_filter.clone(),
             pre_tls_callback: self.pre_tls_callback.clone(),
@@ -496,6 +527,7 @@ impl Listeners {
             l4,
             tls,
             l4_buffer: L4BufferSettings::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             #[cfg(feature = "connection_filter")]
             connection_filter: self.connection_filter.clone(),
             pre_tls_callback: self.pre_tls_callback.clone(),

@@ -33,12 +33,11 @@ use crate::services::Service as ServiceTrait;
 
 use async_trait::async_trait;
 use log::{debug, error, info};
-use pingora_error::Result;
+use pingora_error::{Error, ErrorType, Result};
 use pingora_runtime::current_handle;
 use pingora_timeout::timeout;
 use std::fs::Permissions;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Override the runtime options used to run a listening service.
 pub type RuntimeOptsOverride = Arc<dyn Fn(&RuntimeOpts) -> Option<RuntimeOpts> + Send + Sync>;
@@ -231,22 +230,16 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     let shutdown = shutdown.clone();
                     current_handle().spawn(async move {
                         let peer_addr = io.peer_addr();
-                        match timeout(Duration::from_secs(60), io.handshake()).await {
-                            Ok(handshake) => {
-                                match handshake {
-                                    Ok(io) => Self::handle_event(io, app, shutdown).await,
-                                    Err(e) => {
-                                        // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
-                                        if let Some(addr) = peer_addr {
-                                            error!("Downstream handshake error from {}: {e}", addr);
-                                        } else {
-                                            error!("Downstream handshake error: {e}");
-                                        }
-                                    }
-                                }
-                            }
+                        let handshake_timeout = io.handshake_timeout();
+                        match timeout(handshake_timeout, io.handshake()).await {
+                            Ok(Ok(io)) => Self::handle_event(io, app, shutdown).await,
+                            Ok(Err(e)) => app.handshake_failed(peer_addr.as_ref(), &e),
                             Err(_) => {
-                                error!("Downstream handshake timeout");
+                                let e = Error::explain(
+                                    ErrorType::TLSHandshakeTimedout,
+                                    format!("handshake not done within {handshake_timeout:?}"),
+                                );
+                                app.handshake_failed(peer_addr.as_ref(), &e);
                             }
                         }
                     });
