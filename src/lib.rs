@@ -123,7 +123,10 @@ fn add_proxy_services(
         }
         // Every connection passes the listener's client limits first.
         let gate = listener::ClientGate::new(Arc::new(http_proxy), &listeners, metrics);
+        let tls_admission = gate.tls_admission();
         let mut service = Service::new(name.to_string(), gate);
+        // TLS connections are counted against the client caps before their handshake.
+        service.endpoints().set_pre_tls_callback(tls_admission);
         for listener in &listeners {
             let address = listener.address.to_string();
             let read_buffer = listener.client.read_buffer_bytes as usize;
@@ -131,7 +134,11 @@ fn add_proxy_services(
                 .l4_buffer(L4BufferSettings::default().read(read_buffer));
             match &listener.tls {
                 Some(tls) => {
-                    endpoint = endpoint.tls(tls.settings()?);
+                    // Like NGINX's `client_header_timeout`, the header deadline also bounds
+                    // the handshake (Pingora's own limit is 60 s).
+                    endpoint = endpoint
+                        .tls(tls.settings()?)
+                        .handshake_timeout(listener.client.header_timeout());
                     let alpn = if tls.h2 { "h2, http/1.1" } else { "http/1.1" };
                     info!("listening on https://{address} (ALPN {alpn})");
                 }

@@ -7,6 +7,9 @@
 //! against a deadline that `early_request_filter` disarms once the header is in. On an h2c
 //! port the first bytes decide, within the same deadline: the HTTP/2 preface goes to Pingora,
 //! anything else to this loop.
+//!
+//! A TLS connection is counted against the caps before its handshake (`TlsAdmission`), so
+//! handshakes that stall or fail cannot hold more connections than the caps allow.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,9 +21,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use log::debug;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::listeners::PreTlsProcess;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::{ALPN, Shutdown, Stream};
+use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::{ALPN, GetSocketDigest, Shutdown, SocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
+use pingora_core::upstreams::peer::{Tracer, Tracing};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
 use pingora_proxy::{HttpProxy, Session};
@@ -31,6 +38,7 @@ use crate::config::ListenerConfig;
 use crate::limits::ClientLimits;
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::proxy::ShadowGate;
+use pingora_prometheus::prometheus::IntCounter;
 
 /// How long a refused connection may take to send its request before it gets its 503,
 /// and then to close its side after reading it.
@@ -100,7 +108,9 @@ fn header_bytes(req: &RequestHeader) -> u64 {
 /// The proxy, fronted by each listener's client limits.
 pub struct ClientGate {
     proxy: Arc<HttpProxy<ShadowGate>>,
-    listeners: Vec<ListenerState>,
+    listeners: Arc<[Arc<ListenerState>]>,
+    handshake_timeouts: IntCounter,
+    handshake_failures: IntCounter,
 }
 
 /// One listener's limits and its open connections.
@@ -120,14 +130,14 @@ enum Refusal {
 }
 
 /// A connection's place in its listener's counts, given back when dropped.
-struct Slot<'a> {
-    listener: &'a ListenerState,
+struct Slot {
+    listener: Arc<ListenerState>,
     ip: Option<IpAddr>,
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
-        let listener = self.listener;
+        let listener = &self.listener;
         listener.open.fetch_sub(1, Ordering::Relaxed);
         listener.metrics.open.dec();
         if let Some(ip) = self.ip {
@@ -162,7 +172,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ListenerState {
-    fn admit(&self, ip: Option<IpAddr>) -> std::result::Result<Slot<'_>, Refusal> {
+    fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> std::result::Result<Slot, Refusal> {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::Total);
@@ -179,7 +189,21 @@ impl ListenerState {
             *n += 1;
         }
         self.metrics.open.inc();
-        Ok(Slot { listener: self, ip })
+        Ok(Slot {
+            listener: self.clone(),
+            ip,
+        })
+    }
+
+    fn count_refusal(&self, why: Refusal, ip: Option<IpAddr>) {
+        match why {
+            Refusal::Total => self.metrics.refused_total.inc(),
+            Refusal::PerIp => self.metrics.refused_per_ip.inc(),
+        }
+        debug!(
+            "refusing a connection from {ip:?} on {}: {why:?} limit",
+            self.address
+        );
     }
 
     /// Does a connection accepted on `local` belong to this listener?
@@ -199,24 +223,29 @@ impl ClientGate {
     ) -> Self {
         let listeners = listeners
             .iter()
-            .map(|l| ListenerState {
-                address: l.address.0,
-                limits: l.client.clone(),
-                open: AtomicU32::new(0),
-                open_per_ip: Mutex::new(HashMap::new()),
-                metrics: metrics.listener(&l.address.to_string()),
+            .map(|l| {
+                Arc::new(ListenerState {
+                    address: l.address.0,
+                    limits: l.client.clone(),
+                    open: AtomicU32::new(0),
+                    open_per_ip: Mutex::new(HashMap::new()),
+                    metrics: metrics.listener(&l.address.to_string()),
+                })
             })
             .collect();
-        ClientGate { proxy, listeners }
+        ClientGate {
+            proxy,
+            listeners,
+            handshake_timeouts: metrics.tls_handshake_failures("timeout"),
+            handshake_failures: metrics.tls_handshake_failures("failed"),
+        }
     }
 
-    fn listener_of(&self, stream: &Stream) -> Option<&ListenerState> {
-        if let [only] = self.listeners.as_slice() {
-            return Some(only);
-        }
-        let digest = stream.get_socket_digest()?;
-        let local = *digest.local_addr()?.as_inet()?;
-        self.listeners.iter().find(|l| l.serves(local))
+    /// The pre-TLS step that admits this gate's TLS connections (see `TlsAdmission`).
+    pub fn tls_admission(&self) -> Arc<TlsAdmission> {
+        Arc::new(TlsAdmission {
+            listeners: self.listeners.clone(),
+        })
     }
 
     /// The HTTP/1 keep-alive loop of one connection, with the listener's limits.
@@ -436,26 +465,22 @@ impl ServerApp for ClientGate {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let Some(listener) = self.listener_of(&stream) else {
+        let Some(listener) = listener_of(&self.listeners, stream.get_socket_digest()) else {
             // Not one of ours (cannot happen): Pingora's own handling.
             return self.proxy.process_new(stream, shutdown).await;
         };
-        let ip = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let _slot = match listener.admit(ip) {
-            Ok(slot) => slot,
-            Err(why) => {
-                match why {
-                    Refusal::Total => listener.metrics.refused_total.inc(),
-                    Refusal::PerIp => listener.metrics.refused_per_ip.inc(),
+        // A TLS connection was admitted before its handshake: its slot goes with the stream.
+        let _slot = if stream.get_ssl_digest().is_some() {
+            None
+        } else {
+            let ip = peer_ip(stream.get_socket_digest());
+            match listener.admit(ip) {
+                Ok(slot) => Some(slot),
+                Err(why) => {
+                    listener.count_refusal(why, ip);
+                    refuse(stream, why).await;
+                    return None;
                 }
-                debug!(
-                    "refusing a connection from {ip:?} on {}: {why:?} limit",
-                    listener.address
-                );
-                refuse(stream, why).await;
-                return None;
             }
         };
         // HTTP/2 is served by Pingora (its own idle and stream limits); the
@@ -489,6 +514,90 @@ impl ServerApp for ClientGate {
     async fn cleanup(&self) {
         self.proxy.http_cleanup().await;
     }
+
+    /// Failed TLS handshakes are the internet's background noise (scanners, clients
+    /// giving up): counted, and logged at debug rather than Pingora's error level.
+    fn handshake_failed(&self, peer: Option<&PeerAddr>, error: &Error) {
+        if error.etype() == &REFUSED_BEFORE_HANDSHAKE {
+            return; // counted as a refusal by `TlsAdmission`
+        }
+        if error.etype() == &ErrorType::TLSHandshakeTimedout {
+            self.handshake_timeouts.inc();
+        } else {
+            self.handshake_failures.inc();
+        }
+        debug!("TLS handshake with {peer:?} failed: {error}");
+    }
+}
+
+/// The listener a connection came in on, by its local address.
+fn listener_of(
+    listeners: &[Arc<ListenerState>],
+    digest: Option<Arc<SocketDigest>>,
+) -> Option<&Arc<ListenerState>> {
+    if let [only] = listeners {
+        return Some(only);
+    }
+    let local = *digest?.local_addr()?.as_inet()?;
+    listeners.iter().find(|l| l.serves(local))
+}
+
+fn peer_ip(digest: Option<Arc<SocketDigest>>) -> Option<IpAddr> {
+    digest.and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+}
+
+/// The error a TLS connection over a cap is dropped with, before its handshake.
+const REFUSED_BEFORE_HANDSHAKE: ErrorType = ErrorType::Custom("RefusedBeforeHandshake");
+
+/// Counts a TLS connection against its listener's caps before the handshake (Pingora runs
+/// this pre-TLS step inside the handshake's deadline). Admitted, the connection's slot is
+/// carried by the socket itself and given back when the socket is dropped, whether the
+/// handshake fails or the connection ends later. Over a cap, the connection is dropped
+/// before any TLS work: a client cannot be sent a 503 before its handshake.
+pub struct TlsAdmission {
+    listeners: Arc<[Arc<ListenerState>]>,
+}
+
+#[async_trait]
+impl PreTlsProcess for TlsAdmission {
+    async fn process(&self, stream: &mut L4Stream) -> Result<()> {
+        let Some(listener) = listener_of(&self.listeners, stream.get_socket_digest()) else {
+            return Ok(());
+        };
+        let ip = peer_ip(stream.get_socket_digest());
+        match listener.admit(ip) {
+            Ok(slot) => {
+                // The stream's tracer is the one thing Pingora keeps with the socket and
+                // drops with it.
+                stream.tracer = Some(Tracer(Box::new(SlotHolder { _slot: Some(slot) })));
+                Ok(())
+            }
+            Err(why) => {
+                listener.count_refusal(why, ip);
+                Error::e_explain(REFUSED_BEFORE_HANDSHAKE, format!("{why:?} limit"))
+            }
+        }
+    }
+}
+
+/// Holds a TLS connection's slot for as long as Pingora keeps its socket.
+struct SlotHolder {
+    _slot: Option<Slot>,
+}
+
+impl std::fmt::Debug for SlotHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotHolder")
+    }
+}
+
+impl Tracing for SlotHolder {
+    fn on_connected(&self) {}
+    fn on_disconnected(&self) {}
+    fn boxed_clone(&self) -> Box<dyn Tracing> {
+        // A copy must not give the slot back a second time.
+        Box::new(SlotHolder { _slot: None })
+    }
 }
 
 #[cfg(test)]
@@ -504,8 +613,8 @@ mod tests {
         req
     }
 
-    fn listener(address: &str, max_connections: u32, per_ip: u32) -> ListenerState {
-        ListenerState {
+    fn listener(address: &str, max_connections: u32, per_ip: u32) -> Arc<ListenerState> {
+        Arc::new(ListenerState {
             address: address.parse().unwrap(),
             limits: ClientLimits {
                 max_connections,
@@ -515,7 +624,7 @@ mod tests {
             open: AtomicU32::new(0),
             open_per_ip: Mutex::new(HashMap::new()),
             metrics: Metrics::global().listener(&format!("unit-{address}")),
-        }
+        })
     }
 
     #[test]

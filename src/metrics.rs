@@ -49,6 +49,7 @@ pub struct Metrics {
     client_connections: IntGaugeVec,
     client_refused: IntCounterVec,
     client_header_timeouts: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
     upstream_retries: IntCounterVec,
 }
 
@@ -156,13 +157,18 @@ impl Metrics {
             ),
             client_refused: counter(
                 "shadowgate_client_connections_refused_total",
-                "Client connections answered 503 and closed because a limit was reached",
+                "Client connections refused because a limit was reached: answered 503 and closed, or over TLS closed before the handshake",
                 &["listener", "limit"],
             ),
             client_header_timeouts: counter(
                 "shadowgate_client_header_timeouts_total",
                 "Connections closed because the request header did not arrive within header_timeout_ms",
                 &["listener"],
+            ),
+            tls_handshake_failures: counter(
+                "shadowgate_tls_handshake_failures_total",
+                "TLS handshakes that failed (failed) or did not finish within the listener's header_timeout_ms (timeout)",
+                &["reason"],
             ),
             upstream_retries: counter(
                 "shadowgate_upstream_retries_total",
@@ -183,6 +189,11 @@ impl Metrics {
         self.server_healthy
             .with_label_values(&[upstream, server])
             .set(healthy as i64);
+    }
+
+    /// The counter of failed TLS handshakes for one reason, `timeout` or `failed`.
+    pub fn tls_handshake_failures(&self, reason: &str) -> IntCounter {
+        self.tls_handshake_failures.with_label_values(&[reason])
     }
 
     /// Handles for one listener's client connections.

@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    Misbehavior, Origin, OriginOptions, Proxy, RawOrigin, WAIT, client, pool, read_response,
-    read_rest, time_to_close,
+    Misbehavior, Origin, OriginOptions, Proxy, RawOrigin, WAIT, client, connect_from, pool,
+    read_response, read_rest, time_to_close,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// A proxy in front of one recording origin, with these client limits.
 async fn proxy_with_client(client: &str) -> (Proxy, Origin) {
@@ -60,14 +60,6 @@ async fn get_on(stream: &mut TcpStream) -> String {
     stream.write_all(GET).await.expect("write request");
     let (head, _) = read_response(stream).await.expect("response");
     head
-}
-
-async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{source}:0").parse().expect("source address"))
-        .expect("bind source");
-    socket.connect(to).await.expect("connect")
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use common::proxy::{free_port, run_to_end};
 use common::tls::{Curl, TestCa, TestCert, Validity, curl, presented_cn};
 use common::*;
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// A CA and two leaves: `site` (site.test, the default) and `other` (other.test, *.wild.test).
@@ -262,6 +263,123 @@ async fn h2_false_offers_only_http1() {
     let (certs, _primary, proxy) = tls_to_primary("      h2: false").await;
     let out = curl_tls(&certs, &proxy, "site.test", "/api/", &["--http2"]).await;
     assert_answered(&out, "1.1");
+}
+
+/// The start of a TLS record carrying a handshake message, and then nothing: a ClientHello
+/// that never finishes.
+const STALLED_CLIENT_HELLO: &[u8] = b"\x16\x03\x01";
+
+async fn tls_handshake_failures(proxy: &Proxy, reason: &str) -> f64 {
+    proxy
+        .metric(
+            "shadowgate_tls_handshake_failures_total",
+            &[("reason", reason)],
+        )
+        .await
+}
+
+async fn wait_for_open_tls(proxy: &Proxy, n: f64) {
+    let listener = proxy.addr.to_string();
+    proxy
+        .wait_for_metric(
+            "shadowgate_client_connections",
+            &[("listener", &listener)],
+            |v| v == n,
+            WAIT,
+        )
+        .await;
+}
+
+/// Handshakes that stall are counted against the caps from the first byte (without it the
+/// kernel holds the connection back, `TCP_DEFER_ACCEPT`), so they cannot pile up past
+/// them; over a cap a connection is closed before any TLS work; and a stalled handshake
+/// ends at the listener's header deadline instead of Pingora's 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_capped_and_end_at_the_header_deadline() {
+    let (certs, _primary, proxy) =
+        tls_to_primary("    client: { max_connections_per_ip: 2, header_timeout_ms: 1000 }").await;
+    // The harness's readiness probe may still hold a slot of 127.0.0.1: an address of its own.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect_from("127.0.0.5", proxy.addr).await;
+        stream.write_all(STALLED_CLIENT_HELLO).await.expect("write");
+        stalled.push(stream);
+    }
+    let started = std::time::Instant::now();
+    wait_for_open_tls(&proxy, 2.0).await;
+
+    let mut over = connect_from("127.0.0.5", proxy.addr).await;
+    over.write_all(STALLED_CLIENT_HELLO).await.expect("write");
+    let closed_in = time_to_close(&mut over, Duration::from_millis(900)).await;
+    assert!(
+        closed_in.is_some(),
+        "a third stalled handshake from one address was kept"
+    );
+    assert_eq!(
+        proxy
+            .metric(
+                "shadowgate_client_connections_refused_total",
+                &[("limit", "max_connections_per_ip")]
+            )
+            .await,
+        1.0
+    );
+
+    for stream in &mut stalled {
+        let waited = time_to_close(stream, WAIT)
+            .await
+            .expect("closed at the deadline");
+        let since_start = started.elapsed();
+        assert!(
+            since_start >= Duration::from_millis(900),
+            "closed early: {since_start:?}"
+        );
+        assert!(waited < Duration::from_secs(5), "closed late: {waited:?}");
+    }
+    wait_for_open_tls(&proxy, 0.0).await;
+    assert_eq!(tls_handshake_failures(&proxy, "timeout").await, 2.0);
+    // The slots are back: the address is served again.
+    let out = curl_tls(
+        &certs,
+        &proxy,
+        "site.test",
+        "/api/",
+        &["--interface", "127.0.0.5"],
+    )
+    .await;
+    assert!(out.success && out.stdout.ends_with(" 200"), "{out:?}");
+    assert!(
+        !proxy.log().contains("Downstream handshake"),
+        "handshake failures are counted, not logged as errors:\n{}",
+        proxy.log()
+    );
+}
+
+/// Clients speaking cleartext HTTP to a TLS port fail their handshakes: each connection is
+/// closed, counted, and gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tls_handshakes_are_counted_and_free_their_slots() {
+    let (_certs, _primary, proxy) = tls_to_primary("").await;
+    // The harness's readiness probe (a connection closed at once) may fail a handshake
+    // too, before or after this reading: three of ours can only be seen if they count.
+    let before = tls_handshake_failures(&proxy, "failed").await;
+    for _ in 0..3 {
+        let mut stream = connect_from("127.0.0.6", proxy.addr).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(time_to_close(&mut stream, WAIT).await.is_some());
+    }
+    proxy
+        .wait_for_metric(
+            "shadowgate_tls_handshake_failures_total",
+            &[("reason", "failed")],
+            |v| v >= before + 3.0,
+            WAIT,
+        )
+        .await;
+    wait_for_open_tls(&proxy, 0.0).await;
 }
 
 // ---------------------------------------------------------------- h2c

@@ -112,6 +112,16 @@ pub async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Du
     Some(started.elapsed())
 }
 
+/// A connection to `to` from the loopback address `source` (a client address of its own,
+/// for the per-address caps).
+pub async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source address"))
+        .expect("bind source");
+    socket.connect(to).await.expect("connect")
+}
+
 /// Poll `check` every `every` until it returns `Ok`; past `timeout` the test fails with
 /// the last `Err`, which says what was awaited and what was seen instead.
 pub async fn eventually<T, Fut>(
