@@ -116,11 +116,12 @@ fn add_proxy_services(
             "shadowgate proxy"
         };
         let mut http_proxy = pingora_proxy::http_proxy(&server.configuration, proxy.clone());
-        if h2c {
-            let mut options = pingora_core::apps::HttpServerOptions::default();
-            options.h2c = true;
-            http_proxy.server_options = Some(options);
-        }
+        let mut options = pingora_core::apps::HttpServerOptions::default();
+        options.h2c = h2c;
+        // Pingora keeps an idle HTTP/2 connection for ever unless told otherwise. The
+        // option is per service, so the listeners' longest applies.
+        options.h2_idle_timeout = listeners.iter().map(|l| l.client.h2_idle_timeout()).max();
+        http_proxy.server_options = Some(options);
         // Every connection passes the listener's client limits first.
         let gate = listener::ClientGate::new(Arc::new(http_proxy), &listeners, metrics);
         let tls_admission = gate.tls_admission();

@@ -136,6 +136,14 @@ impl ClientLimits {
     pub fn keepalive_timeout(&self) -> Option<Duration> {
         (self.keepalive_timeout_ms > 0).then(|| Duration::from_millis(self.keepalive_timeout_ms))
     }
+
+    /// How long an HTTP/2 connection may go with no stream open (and, new, without its
+    /// preface): the keep-alive timeout, or with keep-alive off (which HTTP/2 cannot
+    /// honour) the header deadline.
+    pub fn h2_idle_timeout(&self) -> Duration {
+        self.keepalive_timeout()
+            .unwrap_or_else(|| self.header_timeout())
+    }
 }
 
 #[cfg(test)]
@@ -185,5 +193,11 @@ mod tests {
             ..ClientLimits::default()
         };
         assert_eq!(limits.keepalive_timeout(), None);
+        // HTTP/2 cannot turn keep-alive off: its idle connections get the header deadline.
+        assert_eq!(limits.h2_idle_timeout(), limits.header_timeout());
+        assert_eq!(
+            ClientLimits::default().h2_idle_timeout(),
+            Duration::from_secs(60)
+        );
     }
 }

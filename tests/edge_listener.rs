@@ -505,6 +505,76 @@ async fn routing_balancing_and_metrics_work_for_http2_requests() {
         .await;
 }
 
+/// An HTTP/2 connection with no stream open is closed at the listener's keep-alive
+/// timeout (Pingora keeps one for ever unless told), after its last request as before its
+/// first: over h2c once a request was answered, over TLS when the client never sends its
+/// connection preface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_at_the_keepalive_timeout() {
+    let certs = Certs::new();
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let cleartext = free_port();
+    let proxy = Proxy::start_with_listener(
+        &format!(
+            "{}    client: {{ keepalive_timeout_ms: 500 }}\n  - address: \"{cleartext}\"\n    h2c: true\n    client: {{ keepalive_timeout_ms: 500 }}",
+            certs.listener(&[&certs.site], "")
+        ),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+    wait_port(cleartext).await;
+
+    // h2c: one request, then nothing.
+    let tcp = TcpStream::connect(cleartext).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::get(format!("http://{cleartext}/api/idle"))
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    assert_eq!(response.await.expect("response").status(), 200);
+    let answered = std::time::Instant::now();
+    // The connection's end, clean or not, is what is awaited here.
+    let _ended = tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("the idle h2c connection was closed");
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_millis(400), "closed early: {idle:?}");
+    assert!(idle < Duration::from_secs(5), "closed late: {idle:?}");
+
+    // TLS with ALPN h2, then no preface: openssl s_client waits until the proxy closes.
+    let started = std::time::Instant::now();
+    let mut s_client = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-alpn",
+            "h2",
+            "-servername",
+            "site.test",
+        ])
+        .args(["-connect", &proxy.addr.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl s_client");
+    // Its input stays open (and `-quiet` ignores its end anyway): only the proxy ends it.
+    let _input = s_client.stdin.take();
+    let ended = tokio::time::timeout(WAIT, s_client.wait()).await;
+    assert!(
+        ended.is_ok(),
+        "a TLS h2 connection without a preface was kept"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "closed early: {waited:?}"
+    );
+}
+
 // ---------------------------------------------------------------- HTTP/2 mirroring
 
 const MIRROR_POSTS: &str =

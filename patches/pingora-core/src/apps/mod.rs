@@ -100,7 +100,8 @@ pub struct HttpServerOptions {
     pub keepalive_request_limit: Option<u32>,
 
     /// If set, close a downstream HTTP/2 connection that has been idle
-    /// for this duration.
+    /// for this duration, including a new connection still waiting for the
+    /// client's connection preface.
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
@@ -333,7 +334,20 @@ where
             });
 
             let h2_options = self.h2_options();
-            let h2_conn = match server::handshake(stream, h2_options).await {
+            let h2_idle_timeout = self.server_options().and_then(|o| o.h2_idle_timeout);
+            let handshake = server::handshake(stream, h2_options);
+            // A connection still waiting for the client's preface is idle too.
+            let handshake = match h2_idle_timeout {
+                Some(idle) => match pingora_timeout::timeout(idle, handshake).await {
+                    Ok(handshake) => handshake,
+                    Err(_) => {
+                        debug!("H2 preface not received within {idle:?}");
+                        return None;
+                    }
+                },
+                None => handshake.await,
+            };
+            let h2_conn = match handshake {
                 Err(e) => {
                     error!("H2 handshake error {e}");
                     return None;
@@ -346,7 +360,6 @@ where
             // the same code path is exercised by tests in `protocols::http::v2`.
             let app = self.clone();
             let shutdown_for_session = shutdown.clone();
-            let h2_idle_timeout = self.server_options().and_then(|o| o.h2_idle_timeout);
             server::accept_downstream_sessions(
                 h2_conn,
                 digest,
