@@ -5,7 +5,7 @@
 
 # command:package pairs. cmake builds zlib-ng for pingora-core; cc and make build the
 # other C dependencies (zstd, ring) and drive cmake's Makefiles; the TLS and HTTP/2
-# tests drive curl.
+# tests drive curl and openssl s_client.
 SG_PREREQS="cc:build-essential make:build-essential cmake:cmake curl:curl openssl:openssl"
 
 SG_NAME=${SG_NAME:-shadowgate}
