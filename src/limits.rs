@@ -1,6 +1,7 @@
 //! Client-side limits of a listener (`listeners[].client`): timeouts, keep-alive, connection caps
 //! and header size. Defaults are safe for a proxy facing the internet; `listener.rs` enforces them.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -146,6 +147,41 @@ impl ClientLimits {
     }
 }
 
+/// Does a connection accepted on `local` belong to the listener bound to `address`?
+pub fn listens_on(address: SocketAddr, local: SocketAddr) -> bool {
+    address == local
+        || (address.ip().is_unspecified()
+            && address.port() == local.port()
+            && address.is_ipv4() == local.is_ipv4())
+}
+
+/// Each listener's `send_timeout_ms`, for HTTP/2 streams: Pingora runs every stream in a
+/// task of its own, outside `ClientGate`'s loop, so a stream finds its listener by the
+/// connection's local address.
+pub struct StreamSendTimeouts(Vec<(SocketAddr, Duration)>);
+
+impl StreamSendTimeouts {
+    pub fn new(listeners: &[crate::config::ListenerConfig]) -> Self {
+        StreamSendTimeouts(
+            listeners
+                .iter()
+                .map(|l| (l.address.0, l.client.send_timeout()))
+                .collect(),
+        )
+    }
+
+    pub fn send_timeout(&self, local: Option<SocketAddr>) -> Option<Duration> {
+        if let [(_, only)] = self.0.as_slice() {
+            return Some(*only);
+        }
+        let local = local?;
+        self.0
+            .iter()
+            .find(|(address, _)| listens_on(*address, local))
+            .map(|(_, timeout)| *timeout)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +220,34 @@ mod tests {
         let limits: ClientLimits = serde_yaml::from_str("max_headers: 50").unwrap();
         assert_eq!(limits.max_headers, 50);
         assert_eq!(limits.header_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn a_stream_finds_its_listener_send_timeout_by_local_address() {
+        let listener = |address: &str, send_timeout_ms| crate::config::ListenerConfig {
+            address: crate::config::Address(address.parse().unwrap()),
+            tls: None,
+            h2c: true,
+            client: ClientLimits {
+                send_timeout_ms,
+                ..ClientLimits::default()
+            },
+        };
+        let one = StreamSendTimeouts::new(&[listener("127.0.0.1:80", 5)]);
+        assert_eq!(one.send_timeout(None), Some(Duration::from_millis(5)));
+        let two =
+            StreamSendTimeouts::new(&[listener("127.0.0.1:80", 5), listener("0.0.0.0:81", 7)]);
+        let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            two.send_timeout(at("127.0.0.1:80")),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(
+            two.send_timeout(at("10.1.2.3:81")),
+            Some(Duration::from_millis(7))
+        );
+        assert_eq!(two.send_timeout(at("[::1]:81")), None);
+        assert_eq!(two.send_timeout(None), None);
     }
 
     #[test]

@@ -283,6 +283,49 @@ async fn client_that_does_not_read_is_dropped_at_send_timeout() {
     );
 }
 
+/// The same over HTTP/2: a stream whose client stops granting flow-control window is
+/// reset at `send_timeout_ms`, and its connection, idle then, closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_that_is_not_read_is_reset_at_send_timeout() {
+    const LARGE: usize = 64 * 1024 * 1024;
+    let origin = Origin::start(OriginOptions::named("big").response_bytes(LARGE)).await;
+    let proxy = Proxy::start_with_listener(
+        "    h2c: true\n    client: { send_timeout_ms: 500, keepalive_timeout_ms: 500 }",
+        &one_route("app", origin.addr),
+    )
+    .await;
+    let proxy_addr = proxy.addr;
+    let tcp = TcpStream::connect(proxy_addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::get(format!("http://{proxy_addr}/x"))
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    let mut body = response.await.expect("response head").into_body();
+    // Take what arrives but never release flow-control capacity: after the first
+    // window the proxy's writes stall.
+    let mut received = 0usize;
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match body.data().await {
+                Some(Ok(chunk)) => received += chunk.len(),
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await;
+    let reset = ended.expect("the stalled stream was not ended within WAIT");
+    assert!(
+        reset.is_some(),
+        "the stream ended cleanly with {received} bytes"
+    );
+    assert!(received < LARGE, "the whole response arrived");
+    wait_for_open(&proxy, 0.0).await;
+}
+
 #[tokio::test]
 async fn connections_over_max_connections_get_503_and_slots_are_freed() {
     let (proxy, _origin) =
