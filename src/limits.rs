@@ -155,30 +155,31 @@ pub fn listens_on(address: SocketAddr, local: SocketAddr) -> bool {
             && address.is_ipv4() == local.is_ipv4())
 }
 
-/// Each listener's `send_timeout_ms`, for HTTP/2 streams: Pingora runs every stream in a
-/// task of its own, outside `ClientGate`'s loop, so a stream finds its listener by the
-/// connection's local address.
-pub struct StreamSendTimeouts(Vec<(SocketAddr, Duration)>);
+/// Each listener's client limits by its address, for HTTP/2 streams: Pingora runs every
+/// stream in a task of its own, outside `ClientGate`'s loop, so a stream finds its
+/// listener by the connection's local address.
+pub struct LimitsByListener(Vec<(SocketAddr, ClientLimits)>);
 
-impl StreamSendTimeouts {
+impl LimitsByListener {
     pub fn new(listeners: &[crate::config::ListenerConfig]) -> Self {
-        StreamSendTimeouts(
+        LimitsByListener(
             listeners
                 .iter()
-                .map(|l| (l.address.0, l.client.send_timeout()))
+                .map(|l| (l.address.0, l.client.clone()))
                 .collect(),
         )
     }
 
-    pub fn send_timeout(&self, local: Option<SocketAddr>) -> Option<Duration> {
+    /// The limits of the listener that accepted a connection on `local`.
+    pub fn of(&self, local: Option<SocketAddr>) -> Option<&ClientLimits> {
         if let [(_, only)] = self.0.as_slice() {
-            return Some(*only);
+            return Some(only);
         }
         let local = local?;
         self.0
             .iter()
             .find(|(address, _)| listens_on(*address, local))
-            .map(|(_, timeout)| *timeout)
+            .map(|(_, limits)| limits)
     }
 }
 
@@ -223,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_finds_its_listener_send_timeout_by_local_address() {
+    fn a_stream_finds_its_listener_by_local_address() {
         let listener = |address: &str, send_timeout_ms| crate::config::ListenerConfig {
             address: crate::config::Address(address.parse().unwrap()),
             tls: None,
@@ -233,21 +234,15 @@ mod tests {
                 ..ClientLimits::default()
             },
         };
-        let one = StreamSendTimeouts::new(&[listener("127.0.0.1:80", 5)]);
-        assert_eq!(one.send_timeout(None), Some(Duration::from_millis(5)));
-        let two =
-            StreamSendTimeouts::new(&[listener("127.0.0.1:80", 5), listener("0.0.0.0:81", 7)]);
+        let send_timeout = |limits: Option<&ClientLimits>| limits.map(|l| l.send_timeout_ms);
+        let one = LimitsByListener::new(&[listener("127.0.0.1:80", 5)]);
+        assert_eq!(send_timeout(one.of(None)), Some(5));
+        let two = LimitsByListener::new(&[listener("127.0.0.1:80", 5), listener("0.0.0.0:81", 7)]);
         let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
-        assert_eq!(
-            two.send_timeout(at("127.0.0.1:80")),
-            Some(Duration::from_millis(5))
-        );
-        assert_eq!(
-            two.send_timeout(at("10.1.2.3:81")),
-            Some(Duration::from_millis(7))
-        );
-        assert_eq!(two.send_timeout(at("[::1]:81")), None);
-        assert_eq!(two.send_timeout(None), None);
+        assert_eq!(send_timeout(two.of(at("127.0.0.1:80"))), Some(5));
+        assert_eq!(send_timeout(two.of(at("10.1.2.3:81"))), Some(7));
+        assert_eq!(send_timeout(two.of(at("[::1]:81"))), None);
+        assert_eq!(send_timeout(two.of(None)), None);
     }
 
     #[test]

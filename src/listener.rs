@@ -35,7 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep, sleep};
 
 use crate::config::ListenerConfig;
-use crate::limits::{ClientLimits, StreamSendTimeouts, listens_on};
+use crate::limits::{ClientLimits, LimitsByListener, listens_on};
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::proxy::ShadowGate;
 use pingora_prometheus::prometheus::IntCounter;
@@ -62,22 +62,25 @@ struct RequestState {
 /// stops the header clock, applies the listener's keep-alive switch (Pingora has just set
 /// keep-alive from the request's own `Connection` header), and answers 431 to a header over
 /// the listener's limits.
-pub fn header_received(session: &mut Session, streams: &StreamSendTimeouts) -> Result<()> {
+pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> Result<()> {
     let Ok((max_bytes, max_headers, keepalive)) = CURRENT_REQUEST.try_with(|state| {
         state.header_received.store(true, Ordering::Relaxed);
         (state.max_header_bytes, state.max_headers, state.keepalive)
     }) else {
-        // Not under a ClientGate: an HTTP/2 stream, whose header limits are Pingora's;
-        // a client that stops reading it is cut off as on HTTP/1.
+        // Not under a ClientGate: an HTTP/2 stream, whose header limits are Pingora's; a
+        // client that stops reading its response or sending its body is cut off as on HTTP/1.
         let local = session
             .digest()
             .and_then(|d| d.socket_digest.as_ref())
             .and_then(|d| d.local_addr())
             .and_then(|a| a.as_inet())
             .copied();
-        session
-            .as_downstream_mut()
-            .set_write_timeout(streams.send_timeout(local));
+        if let Some(limits) = listeners.of(local) {
+            let (send, body) = (limits.send_timeout(), limits.body_timeout());
+            let downstream = session.as_downstream_mut();
+            downstream.set_write_timeout(Some(send));
+            downstream.set_read_timeout(Some(body));
+        }
         return Ok(());
     };
     if !keepalive {

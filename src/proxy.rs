@@ -18,7 +18,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
-use crate::limits::StreamSendTimeouts;
+use crate::limits::LimitsByListener;
 use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics};
 use crate::mirror::{Mirror, MirrorRuntime, MirrorTee, RequestBody};
 use crate::request;
@@ -45,8 +45,8 @@ pub struct ShadowGate {
     /// then say `Connection: close`, so clients move to the new process cleanly.
     draining: Arc<AtomicBool>,
     access_log: Option<Arc<AccessLog>>,
-    /// Each listener's send timeout, for HTTP/2 streams.
-    stream_send_timeouts: Arc<StreamSendTimeouts>,
+    /// Each listener's client limits, for HTTP/2 streams.
+    listener_limits: Arc<LimitsByListener>,
 }
 
 /// Per-request state.
@@ -115,7 +115,7 @@ impl ShadowGate {
             no_route_metrics: Arc::new(metrics.route(NO_ROUTE)),
             draining,
             access_log: None,
-            stream_send_timeouts: Arc::new(StreamSendTimeouts::new(&config.listeners)),
+            listener_limits: Arc::new(LimitsByListener::new(&config.listeners)),
         }
     }
 
@@ -226,7 +226,7 @@ impl ProxyHttp for ShadowGate {
         // serves them one after another, each with its own body framing, so
         // each is mirrored (or not) on its own.
         session.set_pipelining_enabled(true);
-        crate::listener::header_received(session, &self.stream_send_timeouts)
+        crate::listener::header_received(session, &self.listener_limits)
     }
 
     /// Refuse ambiguous requests, match the route, decide which mirrors sample it.

@@ -283,6 +283,38 @@ async fn client_that_does_not_read_is_dropped_at_send_timeout() {
     );
 }
 
+/// The same over HTTP/2: a stream whose body stops arriving is answered 408 at
+/// `body_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_slow_body_is_answered_408_at_body_timeout() {
+    let (proxy, _origin) =
+        proxy_with_listener("    h2c: true\n    client: { body_timeout_ms: 500 }").await;
+    let proxy_addr = proxy.addr;
+    let tcp = TcpStream::connect(proxy_addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::post(format!("http://{proxy_addr}/upload"))
+        .header("content-length", "100")
+        .body(())
+        .expect("request");
+    let (response, mut body) = client.send_request(request, false).expect("send");
+    body.send_data(bytes::Bytes::from_static(b"first bytes"), false)
+        .expect("send data");
+    // ... and nothing more.
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(WAIT, response)
+        .await
+        .expect("no answer within WAIT")
+        .expect("response head");
+    let took = started.elapsed();
+    assert_eq!(response.status(), 408, "after {took:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
+        "answered after {took:?}"
+    );
+}
+
 /// The same over HTTP/2: a stream whose client stops granting flow-control window is
 /// reset at `send_timeout_ms`, and its connection, idle then, closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
