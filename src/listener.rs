@@ -67,26 +67,35 @@ pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> R
         state.header_received.store(true, Ordering::Relaxed);
         (state.max_header_bytes, state.max_headers, state.keepalive)
     }) else {
-        // Not under a ClientGate: an HTTP/2 stream, whose header limits are Pingora's; a
-        // client that stops reading its response or sending its body is cut off as on HTTP/1.
-        let local = session
-            .digest()
-            .and_then(|d| d.socket_digest.as_ref())
-            .and_then(|d| d.local_addr())
-            .and_then(|a| a.as_inet())
-            .copied();
-        if let Some(limits) = listeners.of(local) {
-            let (send, body) = (limits.send_timeout(), limits.body_timeout());
-            let downstream = session.as_downstream_mut();
-            downstream.set_write_timeout(Some(send));
-            downstream.set_read_timeout(Some(body));
-        }
-        return Ok(());
+        return http2_stream_received(session, listeners);
     };
     if !keepalive {
         session.set_keepalive(None);
     }
     check_header_size(session.req_header(), max_bytes, max_headers)
+}
+
+/// The same for an HTTP/2 stream, which Pingora runs in a task of its own, outside
+/// `ClientGate`'s loop: its listener, found by the connection's local address, gives it the
+/// send and body timeouts and the header limits an HTTP/1 request has.
+fn http2_stream_received(session: &mut Session, listeners: &LimitsByListener) -> Result<()> {
+    let local = session
+        .digest()
+        .and_then(|d| d.socket_digest.as_ref())
+        .and_then(|d| d.local_addr())
+        .and_then(|a| a.as_inet())
+        .copied();
+    let Some(limits) = listeners.of(local) else {
+        return Ok(());
+    };
+    let downstream = session.as_downstream_mut();
+    downstream.set_write_timeout(Some(limits.send_timeout()));
+    downstream.set_read_timeout(Some(limits.body_timeout()));
+    check_header_size(
+        session.req_header(),
+        limits.max_header_bytes,
+        limits.max_headers,
+    )
 }
 
 fn check_header_size(req: &RequestHeader, max_bytes: u64, max_headers: u64) -> Result<()> {

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    Misbehavior, Origin, OriginOptions, Proxy, RawOrigin, WAIT, client, connect_from, pool,
-    read_response, read_rest, time_to_close,
+    Misbehavior, Origin, OriginOptions, Proxy, RawOrigin, WAIT, client, connect_from, h2c_connect,
+    pool, read_response, read_rest, time_to_close,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -290,10 +290,7 @@ async fn http2_slow_body_is_answered_408_at_body_timeout() {
     let (proxy, _origin) =
         proxy_with_listener("    h2c: true\n    client: { body_timeout_ms: 500 }").await;
     let proxy_addr = proxy.addr;
-    let tcp = TcpStream::connect(proxy_addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, _connection) = h2c_connect(proxy_addr).await;
     let request = http::Request::post(format!("http://{proxy_addr}/upload"))
         .header("content-length", "100")
         .body(())
@@ -327,10 +324,7 @@ async fn http2_stream_that_is_not_read_is_reset_at_send_timeout() {
     )
     .await;
     let proxy_addr = proxy.addr;
-    let tcp = TcpStream::connect(proxy_addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, _connection) = h2c_connect(proxy_addr).await;
     let request = http::Request::get(format!("http://{proxy_addr}/x"))
         .body(())
         .expect("request");
@@ -441,6 +435,38 @@ async fn connections_over_max_connections_per_ip_get_503_others_are_served() {
     wait_for_open(&proxy, 2.0).await;
     let mut a4 = connect_from("127.0.0.3", proxy.addr).await;
     assert!(get_on(&mut a4).await.starts_with("HTTP/1.1 200"));
+}
+
+/// The same limits for an HTTP/2 request (whose own limit, Pingora's 64 KiB header list,
+/// is far above them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_http2_headers_get_431() {
+    let (proxy, origin) = proxy_with_listener(
+        "    h2c: true\n    client: { max_header_bytes: 2048, max_headers: 10 }",
+    )
+    .await;
+    let (mut client, _connection) = h2c_connect(proxy.addr).await;
+    let mut status_of = async |path: &str, headers: &[(String, String)]| {
+        let mut request = http::Request::get(format!("http://{}{path}", proxy.addr));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let (response, _) = client
+            .send_request(request.body(()).expect("request"), true)
+            .expect("send");
+        response.await.expect("response").status()
+    };
+    let big = [("x-big".to_string(), "b".repeat(3000))];
+    assert_eq!(status_of("/big", &big).await, 431);
+    let many: Vec<_> = (0..12)
+        .map(|i| (format!("x-h{i}"), "v".to_string()))
+        .collect();
+    assert_eq!(status_of("/many", &many).await, 431);
+    let fits: Vec<_> = (0..7)
+        .map(|i| (format!("x-h{i}"), "v".repeat(100)))
+        .collect();
+    assert_eq!(status_of("/fits", &fits).await, 200);
+    assert_eq!(origin.count(), 1);
 }
 
 #[tokio::test]

@@ -525,10 +525,7 @@ async fn idle_http2_connections_are_closed_at_the_keepalive_timeout() {
     wait_port(cleartext).await;
 
     // h2c: one request, then nothing.
-    let tcp = TcpStream::connect(cleartext).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    let connection = tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, connection) = h2c_connect(cleartext).await;
     let request = http::Request::get(format!("http://{cleartext}/api/idle"))
         .body(())
         .expect("request");
@@ -581,18 +578,10 @@ const MIRROR_POSTS: &str =
     "    mirrors:\n      - { upstream: shadow, percentage: 100, methods: [GET, POST] }";
 
 /// An HTTP/2 (h2c) connection to the proxy, for requests whose frames the test controls.
-async fn h2_connection(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client.ready().await.unwrap()
-}
 
 /// POST `body` over HTTP/2 in 16 KiB DATA frames, with or without content-length; returns the status.
 async fn h2_post(addr: SocketAddr, path: &str, body: &[u8], content_length: bool) -> u16 {
-    let mut client = h2_connection(addr).await;
+    let mut client = h2c_connect(addr).await.0;
     let mut request = http::Request::builder()
         .method("POST")
         .uri(format!("http://edge.test{path}"))
@@ -665,7 +654,7 @@ async fn a_mirrored_http2_upload_reaches_the_shadow_byte_for_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_rst_stream_mid_body_closes_the_shadow_instead_of_finishing_it() {
     let (primary, shadow, proxy) = mirroring_posts("    h2c: true").await;
-    let mut client = h2_connection(proxy.addr).await;
+    let mut client = h2c_connect(proxy.addr).await.0;
     let request = http::Request::builder()
         .method("POST")
         .uri("http://edge.test/api/partial")

@@ -112,6 +112,20 @@ pub async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Du
     Some(started.elapsed())
 }
 
+/// An HTTP/2 connection by prior knowledge (h2c) to `addr`, ready for a request, and the
+/// task driving it, which ends when the connection does.
+pub async fn h2c_connect(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    (client.ready().await.expect("h2 ready"), connection)
+}
+
 /// A connection to `to` from the loopback address `source` (a client address of its own,
 /// for the per-address caps).
 pub async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
