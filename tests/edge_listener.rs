@@ -577,8 +577,6 @@ async fn idle_http2_connections_are_closed_at_the_keepalive_timeout() {
 const MIRROR_POSTS: &str =
     "    mirrors:\n      - { upstream: shadow, percentage: 100, methods: [GET, POST] }";
 
-/// An HTTP/2 (h2c) connection to the proxy, for requests whose frames the test controls.
-
 /// POST `body` over HTTP/2 in 16 KiB DATA frames, with or without content-length; returns the status.
 async fn h2_post(addr: SocketAddr, path: &str, body: &[u8], content_length: bool) -> u16 {
     let mut client = h2c_connect(addr).await.0;
