@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{
     Misbehavior, Origin, OriginOptions, Proxy, RawOrigin, WAIT, client, connect_from, h2c_connect,
-    pool, read_response, read_rest, time_to_close,
+    pool, read_response, read_rest, time_to_close, wait_for_open,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -42,17 +42,6 @@ async fn open_connections(proxy: &Proxy) -> f64 {
             &[("listener", &proxy.addr.to_string())],
         )
         .await
-}
-
-async fn wait_for_open(proxy: &Proxy, n: f64) {
-    proxy
-        .wait_for_metric(
-            "shadowgate_client_connections",
-            &[("listener", &proxy.addr.to_string())],
-            |v| v == n,
-            WAIT,
-        )
-        .await;
 }
 
 /// One GET on a kept-alive connection; the response head.

@@ -278,18 +278,6 @@ async fn tls_handshake_failures(proxy: &Proxy, reason: &str) -> f64 {
         .await
 }
 
-async fn wait_for_open_tls(proxy: &Proxy, n: f64) {
-    let listener = proxy.addr.to_string();
-    proxy
-        .wait_for_metric(
-            "shadowgate_client_connections",
-            &[("listener", &listener)],
-            |v| v == n,
-            WAIT,
-        )
-        .await;
-}
-
 /// Handshakes that stall are counted against the caps from the first byte (without it the
 /// kernel holds the connection back, `TCP_DEFER_ACCEPT`), so they cannot pile up past
 /// them; over a cap a connection is closed before any TLS work; and a stalled handshake
@@ -306,7 +294,7 @@ async fn stalled_tls_handshakes_are_capped_and_end_at_the_header_deadline() {
         stalled.push(stream);
     }
     let started = std::time::Instant::now();
-    wait_for_open_tls(&proxy, 2.0).await;
+    wait_for_open(&proxy, 2.0).await;
 
     let mut over = connect_from("127.0.0.5", proxy.addr).await;
     over.write_all(STALLED_CLIENT_HELLO).await.expect("write");
@@ -336,7 +324,7 @@ async fn stalled_tls_handshakes_are_capped_and_end_at_the_header_deadline() {
         );
         assert!(waited < Duration::from_secs(5), "closed late: {waited:?}");
     }
-    wait_for_open_tls(&proxy, 0.0).await;
+    wait_for_open(&proxy, 0.0).await;
     assert_eq!(tls_handshake_failures(&proxy, "timeout").await, 2.0);
     // The slots are back: the address is served again.
     let out = curl_tls(
@@ -379,7 +367,7 @@ async fn failed_tls_handshakes_are_counted_and_free_their_slots() {
             WAIT,
         )
         .await;
-    wait_for_open_tls(&proxy, 0.0).await;
+    wait_for_open(&proxy, 0.0).await;
 }
 
 // ---------------------------------------------------------------- h2c

@@ -112,6 +112,18 @@ pub async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Du
     Some(started.elapsed())
 }
 
+/// Wait until the proxy's listener has `n` client connections open.
+pub async fn wait_for_open(proxy: &Proxy, n: f64) {
+    proxy
+        .wait_for_metric(
+            "shadowgate_client_connections",
+            &[("listener", &proxy.addr.to_string())],
+            |v| v == n,
+            WAIT,
+        )
+        .await;
+}
+
 /// An HTTP/2 connection by prior knowledge (h2c) to `addr`, ready for a request, and the
 /// task driving it, which ends when the connection does.
 pub async fn h2c_connect(
