@@ -30,6 +30,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::upstreams::peer::{Tracer, Tracing};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
+use pingora_prometheus::prometheus::IntCounter;
 use pingora_proxy::{HttpProxy, Session};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep, sleep};
@@ -38,7 +39,6 @@ use crate::config::ListenerConfig;
 use crate::limits::{ClientLimits, LimitsByListener, listens_on};
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::proxy::ShadowGate;
-use pingora_prometheus::prometheus::IntCounter;
 
 /// How long a refused connection may take to send its request before it gets its 503,
 /// and then to close its side after reading it.
@@ -501,8 +501,9 @@ impl ServerApp for ClientGate {
                 }
             }
         };
-        // HTTP/2 is served by Pingora (its own idle and stream limits); the
-        // connection caps still apply. HTTP/1, over TLS or cleartext, with or
+        // HTTP/2 is served by Pingora: the idle timeout is in the service's
+        // options, each stream gets its limits in `http2_stream_received`, and
+        // the connection caps apply here. HTTP/1, over TLS or cleartext, with or
         // without h2c on the port, gets the loop below.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.proxy.process_new(stream, shutdown).await;

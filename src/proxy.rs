@@ -216,7 +216,8 @@ impl ProxyHttp for ShadowGate {
         }
     }
 
-    /// Right after the header was read: stop the listener's header clock, enforce its size limits.
+    /// Right after the header was read: stop the listener's header clock, enforce its size
+    /// limits (and give an HTTP/2 stream the listener's timeouts).
     async fn early_request_filter(
         &self,
         session: &mut Session,
