@@ -426,6 +426,44 @@ async fn connections_over_max_connections_per_ip_get_503_others_are_served() {
     assert!(get_on(&mut a4).await.starts_with("HTTP/1.1 200"));
 }
 
+/// HTTP/2 rapid reset (CVE-2023-44487): streams opened and cancelled at once, as fast as
+/// the client can. The connection is ended with GOAWAY (ENHANCE_YOUR_CALM) and the
+/// cancelled requests do not reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_is_ended_with_goaway() {
+    const STREAMS: usize = 2000;
+    let (proxy, origin) = proxy_with_listener("    h2c: true").await;
+    let (mut client, connection) = h2c_connect(proxy.addr).await;
+    for i in 0..STREAMS {
+        client = match client.ready().await {
+            Ok(client) => client,
+            Err(_) => break, // the proxy has ended the connection
+        };
+        let request = http::Request::get(format!("http://{}/r{i}", proxy.addr))
+            .body(())
+            .expect("request");
+        match client.send_request(request, true) {
+            Ok((_response, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("the connection was not ended")
+        .expect("connection task");
+    // The client reads the GOAWAY, or, still writing, finds the connection closed after it.
+    let error = ended.expect_err("the connection ended without an error");
+    assert!(
+        error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || error.is_io(),
+        "{error:?}"
+    );
+    let reached = origin.count();
+    assert!(
+        reached < STREAMS / 10,
+        "{reached} cancelled requests reached the upstream"
+    );
+}
+
 /// The same limits for an HTTP/2 request (whose own limit, Pingora's 64 KiB header list,
 /// is far above them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
