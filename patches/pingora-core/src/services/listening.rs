@@ -228,10 +228,15 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
+                    let peer_addr = io.peer_addr();
+                    let handshake_timeout = io.handshake_timeout();
+                    // Boxed, and finished before the connection is served: the
+                    // handshake's state (TLS above all) is far larger than the
+                    // rest of the task, which lives as long as the connection.
+                    let handshake = Box::pin(io.handshake());
                     current_handle().spawn(async move {
-                        let peer_addr = io.peer_addr();
-                        let handshake_timeout = io.handshake_timeout();
-                        match timeout(handshake_timeout, io.handshake()).await {
+                        let handshake = timeout(handshake_timeout, handshake).await;
+                        match handshake {
                             Ok(Ok(io)) => Self::handle_event(io, app, shutdown).await,
                             Ok(Err(e)) => app.handshake_failed(peer_addr.as_ref(), &e),
                             Err(_) => {
