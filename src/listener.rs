@@ -279,10 +279,12 @@ impl ClientGate {
         // re-derives it from the request's `Connection` header); the header deadline below is
         // the real bound, so Pingora's must never be the shorter.
         let pingora_keepalive = keepalive.map(|k| k.max(limits.header_timeout()).as_secs().max(1));
-        // A TLS stream cannot be peeked for the next request's first byte (only a
-        // plain socket can): there the header deadline also covers the idle wait.
-        let can_peek = stream.get_ssl_digest().is_none();
-        let reused_deadline = if can_peek {
+        // Between requests the connection waits for the next one's first bytes with
+        // nothing allocated for it: on a plain socket by peeking, over TLS by waiting on
+        // the socket under the session. A TLS stream of another kind could not be
+        // waited on: there the header deadline also covers the idle wait.
+        let can_wait = stream.get_ssl_digest().is_none() || is_rustls(&stream);
+        let reused_deadline = if can_wait {
             limits.header_timeout()
         } else {
             limits.header_timeout() + keepalive.unwrap_or_default()
@@ -306,18 +308,18 @@ impl ClientGate {
             // A pipelined request is already read (Pingora holds its bytes), so
             // waiting for the socket would stall it until the keep-alive timeout.
             let pipelined = settings.as_ref().is_some_and(|s| s.has_pipelined_prefix());
-            if !first
-                && can_peek
-                && !pipelined
-                && !next_request_arrives(
-                    &mut stream,
+            if !first && can_wait && !pipelined {
+                let Some(arrived) = next_request_arrives(
+                    stream,
                     keepalive,
                     idle_timer.as_mut(),
                     shutdown_begins.as_mut(),
                 )
                 .await
-            {
-                return;
+                else {
+                    return;
+                };
+                stream = arrived;
             }
             let deadline = if first {
                 limits.header_timeout()
@@ -380,26 +382,52 @@ async fn opens_with_h2_preface(stream: &mut Stream) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Wait for the first byte of the next request on a kept-alive connection: `false` when the
-/// client stays idle past the keep-alive timeout, closes, or the server is shutting down.
+/// Wait for the first bytes of the next request on a kept-alive connection, without
+/// reading them: `None` when the client stays idle past the keep-alive timeout, closes,
+/// or the server is shutting down. Waiting here rather than in Pingora's request reader
+/// keeps an idle connection small (no request state, no header buffer) and lets the
+/// header deadline start at the request's first byte.
 async fn next_request_arrives(
-    stream: &mut Stream,
+    mut stream: Stream,
     keepalive: Option<Duration>,
     timer: Pin<&mut Sleep>,
     shutdown_begins: Pin<&mut impl Future<Output = ()>>,
-) -> bool {
-    let Some(keepalive) = keepalive else {
-        return false;
-    };
+) -> Option<Stream> {
+    let keepalive = keepalive?;
+    if stream.get_ssl_digest().is_some() {
+        // Checked by `is_rustls` before the connection's first wait.
+        let mut tls = stream.into_any().downcast::<RustlsStream>().ok()?;
+        let arrived = idle_wait(tls.wait_for_data(), keepalive, timer, shutdown_begins).await;
+        return arrived.then_some(tls as Stream);
+    }
     let mut first_byte = [0u8; 1];
+    // `try_peek` reads one byte and puts it back for the header parser.
+    let peeked = stream.try_peek(&mut first_byte);
+    let arrived = idle_wait(peeked, keepalive, timer, shutdown_begins).await;
+    arrived.then_some(stream)
+}
+
+/// Whether `arrives` says data came before the keep-alive timeout and shutdown.
+async fn idle_wait(
+    arrives: impl Future<Output = std::io::Result<bool>>,
+    keepalive: Duration,
+    timer: Pin<&mut Sleep>,
+    shutdown_begins: Pin<&mut impl Future<Output = ()>>,
+) -> bool {
     tokio::select! {
         // A request already waiting needs no clock.
         biased;
-        // `try_peek` reads one byte and puts it back for the header parser.
-        peeked = stream.try_peek(&mut first_byte) => matches!(peeked, Ok(true)),
+        arrived = arrives => matches!(arrived, Ok(true)),
         _ = rearmed(timer, keepalive) => false,
         _ = shutdown_begins => false,
     }
+}
+
+/// A server-side TLS stream as Pingora's rustls listeners make it.
+type RustlsStream = pingora_core::protocols::tls::TlsStream<L4Stream>;
+
+fn is_rustls(stream: &Stream) -> bool {
+    stream.as_any().is::<RustlsStream>()
 }
 
 async fn shutting_down(shutdown: &ShutdownWatch) {

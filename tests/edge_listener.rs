@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::proxy::{free_port, run_to_end};
-use common::tls::{Curl, TestCa, TestCert, Validity, curl, presented_cn};
+use common::tls::{Curl, TestCa, TestCert, Validity, curl, presented_cn, tls_connect};
 use common::*;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -179,8 +179,7 @@ async fn tls_serves_http1_and_http2_by_alpn_with_tls_1_2_and_1_3() {
 }
 
 /// HTTP/1.1 over TLS keeps the connection: the second request rides the first
-/// connection (a TLS stream cannot be peeked, so the client-limits loop must not
-/// wait for the next request's first byte there).
+/// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_http1_connections_are_kept_alive() {
     let (certs, primary, proxy) = tls_to_primary("").await;
@@ -209,6 +208,100 @@ async fn tls_http1_connections_are_kept_alive() {
     assert!(out.success, "{out:?}");
     assert_eq!(out.stdout, "200 1\n200 0\n200 0\n", "{out:?}");
     assert_eq!(primary.count(), 3);
+}
+
+/// A GET of /api/a for site.test over `tls`, padded with a header field to `size` bytes
+/// when `size` is given.
+fn tls_get(size: Option<usize>) -> Vec<u8> {
+    let head = "GET /api/a HTTP/1.1\r\nHost: site.test\r\n";
+    let mut request = head.as_bytes().to_vec();
+    if let Some(size) = size {
+        let pad = size - head.len() - "X-Pad: \r\n\r\n".len();
+        request.extend_from_slice(format!("X-Pad: {}\r\n", "p".repeat(pad)).as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    request
+}
+
+async fn assert_ok_on(stream: &mut (impl tokio::io::AsyncRead + Unpin), what: &str) {
+    let (head, _) = read_response(stream)
+        .await
+        .unwrap_or_else(|| panic!("{what}: no response"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{what}: {head}");
+}
+
+/// A kept-alive HTTP/1.1 connection over TLS waits for its next request as a cleartext
+/// one does: idle time is keep-alive time, not header time; a slow header is timed from
+/// its first byte; an idle connection closes at the keep-alive timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_keepalive_has_the_deadlines_of_cleartext() {
+    let (certs, _primary, proxy) =
+        tls_to_primary("    client: { header_timeout_ms: 300, keepalive_timeout_ms: 1500 }").await;
+    let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
+    tls.write_all(&tls_get(None)).await.expect("write");
+    assert_ok_on(&mut tls, "first request").await;
+    // Idle for longer than the header deadline, shorter than keep-alive.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tls.write_all(&tls_get(None)).await.expect("write");
+    assert_ok_on(&mut tls, "after 800 ms idle").await;
+    // A slow header, a byte every 100 ms: cut off 300 ms after its first byte (when the
+    // idle wait was part of the header deadline, after 1.8 s).
+    let started = std::time::Instant::now();
+    tls.write_all(b"GET /api/a HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tls.write_all(b"X").await.is_err() || tls.flush().await.is_err() {
+            break;
+        }
+    }
+    let took = started.elapsed()
+        + time_to_close(&mut tls, WAIT)
+            .await
+            .expect("the slow header was not cut off");
+    assert!(took < Duration::from_millis(1200), "closed after {took:?}");
+
+    // Idle after a response: closed at the keep-alive timeout, the header's time unused.
+    let (certs, _primary, proxy) =
+        tls_to_primary("    client: { header_timeout_ms: 3000, keepalive_timeout_ms: 500 }").await;
+    let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
+    tls.write_all(&tls_get(None)).await.expect("write");
+    assert_ok_on(&mut tls, "request before idling").await;
+    let idle = time_to_close(&mut tls, WAIT)
+        .await
+        .expect("the idle connection stayed open");
+    assert!(
+        idle >= Duration::from_millis(400) && idle < Duration::from_millis(2500),
+        "closed {idle:?} after the response; keepalive_timeout_ms is 500"
+    );
+}
+
+/// Requests pipelined over TLS, of several sizes around Pingora's 4 KiB reads, are all
+/// answered at once: between requests the connection must not wait on the socket for
+/// bytes already read. (Bytes the TLS session holds decrypted but unread are covered by
+/// pingora-core's unit test of `wait_for_data`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_tls_requests_are_answered_at_once() {
+    let (certs, primary, proxy) =
+        tls_to_primary("    client: { keepalive_timeout_ms: 5000 }").await;
+    let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
+    let requests = [
+        tls_get(Some(4096)),
+        tls_get(Some(10000)),
+        tls_get(Some(3000)),
+        tls_get(Some(7000)),
+        tls_get(None),
+    ]
+    .concat();
+    let started = std::time::Instant::now();
+    tls.write_all(&requests).await.expect("write");
+    for i in 0..5 {
+        assert_ok_on(&mut tls, &format!("pipelined request {i}")).await;
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert_eq!(primary.count(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,7 +71,9 @@ pub async fn read_rest(stream: &mut TcpStream) -> String {
 
 /// Read one HTTP/1 response with a Content-Length body from a kept-alive connection:
 /// (status line and header fields, body). `None` if the connection closed first.
-pub async fn read_response(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+pub async fn read_response(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Option<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     // Byte by byte: nothing past this response is consumed.
@@ -101,7 +103,10 @@ pub async fn read_response(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> 
 
 /// Wait until the peer closes `stream` (EOF or reset), discarding what it sends;
 /// the time it took, or `None` if it stayed open for `limit`.
-pub async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+pub async fn time_to_close(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> Option<Duration> {
     let started = std::time::Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
     tokio::time::timeout(limit, async {

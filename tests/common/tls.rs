@@ -129,3 +129,29 @@ pub fn presented_cn(stderr: &str) -> Option<String> {
         .and_then(|subject| subject.split("CN=").nth(1))
         .map(|cn| cn.split(',').next().unwrap_or(cn).trim().to_string())
 }
+
+/// A raw TLS connection to `addr` for `name`, trusting only `ca`, offering HTTP/1.1: for
+/// tests that need the bytes and the timing in their own hands.
+pub async fn tls_connect(
+    ca: &TestCa,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&ca.cert).expect("read CA") {
+        roots.add(cert.expect("CA certificate")).expect("trust CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(name.to_string()).expect("server name");
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}

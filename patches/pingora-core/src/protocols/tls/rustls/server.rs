@@ -203,4 +203,38 @@ mod tests {
         let cipher = digest.extension.get::<CipherName>().unwrap();
         assert!(!cipher.0.is_empty());
     }
+
+    #[tokio::test]
+    async fn test_wait_for_data_sees_decrypted_data_not_yet_read() {
+        use tokio::io::AsyncWriteExt;
+
+        let cert = format!("{}/tests/keys/server.crt", env!("CARGO_MANIFEST_DIR"));
+        let key = format!("{}/tests/keys/key.pem", env!("CARGO_MANIFEST_DIR"));
+        let acceptor = TlsSettings::intermediate(&cert, &key).unwrap().build();
+
+        let (client, server) = tokio::io::duplex(65536);
+        tokio::spawn(async move {
+            let config = ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify))
+                .with_no_client_auth();
+            let connector = pingora_rustls::TlsConnector::from(Arc::new(config));
+            let server_name = ServerName::try_from("openrusty.org").unwrap();
+            let mut stream = connector.connect(server_name, client).await.unwrap();
+            // One record, which the server decrypts whole on its first read.
+            stream.write_all(b"0123456789").await.unwrap();
+            let mut buf = [0u8; 1];
+            let _ = stream.read(&mut buf).await;
+        });
+
+        let mut stream = acceptor.tls_handshake(server).await.unwrap();
+        let mut first = [0u8; 4];
+        stream.read_exact(&mut first).await.unwrap();
+        // The other 6 bytes are decrypted and buffered in the session, not on the wire.
+        assert!(stream.wait_for_data().await.unwrap());
+        let mut rest = [0u8; 6];
+        stream.read_exact(&mut rest).await.unwrap();
+        // Nothing buffered, and a duplex stream cannot be peeked.
+        assert!(!stream.wait_for_data().await.unwrap());
+    }
 }
