@@ -279,10 +279,10 @@ impl ClientGate {
         // re-derives it from the request's `Connection` header); the header deadline below is
         // the real bound, so Pingora's must never be the shorter.
         let pingora_keepalive = keepalive.map(|k| k.max(limits.header_timeout()).as_secs().max(1));
-        // Between requests the connection waits for the next one's first bytes with
-        // nothing allocated for it: on a plain socket by peeking, over TLS by waiting on
-        // the socket under the session. A TLS stream of another kind could not be
-        // waited on: there the header deadline also covers the idle wait.
+        // Between requests the connection waits for the next one's first bytes holding
+        // no request state: on a plain socket by peeking, over TLS by waiting on the
+        // socket under the session. A TLS stream of another kind could not be waited
+        // on: there the header deadline also covers the idle wait.
         let can_wait = stream.get_ssl_digest().is_none() || is_rustls(&stream);
         let reused_deadline = if can_wait {
             limits.header_timeout()

@@ -117,6 +117,26 @@ pub async fn time_to_close(
     Some(started.elapsed())
 }
 
+/// Send the start of a request header, then a byte every 100 ms (for at most 2 s) until
+/// the proxy stops taking them: the time from the first byte until the proxy closed.
+pub async fn slow_header_lasts(
+    stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    start: &[u8],
+) -> Duration {
+    let started = std::time::Instant::now();
+    stream.write_all(start).await.expect("write");
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.write_all(b"X").await.is_err() || stream.flush().await.is_err() {
+            break;
+        }
+    }
+    started.elapsed()
+        + time_to_close(stream, WAIT)
+            .await
+            .expect("the slow header was not cut off")
+}
+
 /// Wait until the proxy's listener has `n` client connections open.
 pub async fn wait_for_open(proxy: &Proxy, n: f64) {
     proxy

@@ -159,14 +159,18 @@ mod tests {
         }
     }
 
-    async fn client_task(client: DuplexStream) {
+    async fn connect(client: DuplexStream) -> pingora_rustls::ClientTlsStream<DuplexStream> {
         let config = ClientConfig::builder()
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify))
             .with_no_client_auth();
         let connector = pingora_rustls::TlsConnector::from(Arc::new(config));
         let server_name = ServerName::try_from("openrusty.org").unwrap();
-        let mut stream = connector.connect(server_name, client).await.unwrap();
+        connector.connect(server_name, client).await.unwrap()
+    }
+
+    async fn client_task(client: DuplexStream) {
+        let mut stream = connect(client).await;
         let mut buf = [0u8; 1];
         let _ = stream.read(&mut buf).await;
     }
@@ -214,13 +218,7 @@ mod tests {
 
         let (client, server) = tokio::io::duplex(65536);
         tokio::spawn(async move {
-            let config = ClientConfig::builder()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify))
-                .with_no_client_auth();
-            let connector = pingora_rustls::TlsConnector::from(Arc::new(config));
-            let server_name = ServerName::try_from("openrusty.org").unwrap();
-            let mut stream = connector.connect(server_name, client).await.unwrap();
+            let mut stream = connect(client).await;
             // One record, which the server decrypts whole on its first read.
             stream.write_all(b"0123456789").await.unwrap();
             let mut buf = [0u8; 1];
