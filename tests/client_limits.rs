@@ -496,6 +496,35 @@ async fn connection_closes_after_keepalive_requests() {
     assert_eq!(origin.count(), 3);
 }
 
+/// An HTTP/2 connection gets GOAWAY after `keepalive_requests` streams (as NGINX's
+/// `keepalive_requests` does), once those are answered; the client opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connection_ends_after_keepalive_requests() {
+    let (proxy, origin) =
+        proxy_with_listener("    h2c: true\n    client: { keepalive_requests: 3 }").await;
+    let (mut client, connection) = h2c_connect(proxy.addr).await;
+    for i in 1..=3 {
+        client = client.ready().await.expect("ready");
+        let request = http::Request::get(format!("http://{}/r{i}", proxy.addr))
+            .body(())
+            .expect("request");
+        let (response, _) = client.send_request(request, true).expect("send");
+        assert_eq!(
+            response.await.expect("response").status(),
+            200,
+            "request {i}"
+        );
+    }
+    // `client` is still held: only the proxy can end the connection.
+    tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("the connection was not ended after its last request")
+        .expect("connection task")
+        .expect("the connection ended with an error, not a graceful GOAWAY");
+    assert!(client.ready().await.is_err(), "a 4th stream was accepted");
+    assert_eq!(origin.count(), 3);
+}
+
 #[tokio::test]
 async fn oversize_headers_get_431() {
     let (proxy, origin) = proxy_with_client("{ max_header_bytes: 2048, max_headers: 10 }").await;

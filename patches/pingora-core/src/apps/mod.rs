@@ -97,6 +97,10 @@ pub struct HttpServerOptions {
     /// > requests could result in excessive memory usage and not recommended.
     ///
     /// Unlike nginx, the default behavior here is _no limit_.
+    ///
+    /// An HTTP/2 connection is sent GOAWAY once it has had this many streams
+    /// (as nginx's `keepalive_requests` does since 1.19.7); the streams already
+    /// open are served.
     pub keepalive_request_limit: Option<u32>,
 
     /// If set, close a downstream HTTP/2 connection that has been idle
@@ -365,6 +369,8 @@ where
                 digest,
                 shutdown.clone(),
                 h2_idle_timeout,
+                self.server_options()
+                    .and_then(|opts| opts.keepalive_request_limit),
                 |h2_stream, guard| {
                     let app = app.clone();
                     let shutdown = shutdown_for_session.clone();

@@ -356,6 +356,7 @@ mod test {
             digest,
             shutdown_rx,
             None,
+            None,
             |mut session, _guard| {
                 session_handles.push(tokio::spawn(async move {
                     let req = session.req_header();
@@ -456,6 +457,7 @@ mod test {
             digest,
             shutdown_rx,
             None,
+            None,
             |mut session, _guard| {
                 session_handles.push(tokio::spawn(async move {
                     let resp = Box::new(ResponseHeader::build(200, None).unwrap());
@@ -521,6 +523,7 @@ mod test {
                 digest,
                 shutdown_rx,
                 None,
+                None,
                 |_session, _guard| {
                     panic!("did not expect any sessions on an idle connection");
                 },
@@ -567,6 +570,7 @@ mod test {
                 digest,
                 shutdown_rx,
                 Some(Duration::from_millis(100)),
+                None,
                 |_session, _guard| panic!("did not expect any sessions on an idle connection"),
             ),
         )
@@ -619,6 +623,7 @@ mod test {
             digest,
             shutdown_rx,
             Some(idle_timeout),
+            None,
             move |session, guard| {
                 let sent = guard_tx
                     .take()
@@ -745,6 +750,7 @@ mod test {
                 digest,
                 shutdown_rx,
                 None,
+                None,
                 |mut session, _guard| {
                     session_handles.push(tokio::spawn(async move {
                         let resp = Box::new(ResponseHeader::build(200, None).unwrap());
@@ -762,6 +768,55 @@ mod test {
         );
 
         trigger.await.unwrap();
+        for h in session_handles {
+            h.await.unwrap();
+        }
+        client_handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn test_request_limit_ends_the_connection_after_its_last_request() {
+        let (client, server) = duplex(65536);
+        let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+
+        let client_handle = tokio::spawn(async move {
+            let (mut sender, connection) = h2::client::handshake(client).await.unwrap();
+            let driver = tokio::spawn(connection);
+            for _ in 0..2 {
+                sender = sender.ready().await.unwrap();
+                let request = http::Request::get("https://one.one.one.one/")
+                    .body(())
+                    .unwrap();
+                let (response, _) = sender.send_request(request, true).unwrap();
+                assert_eq!(response.await.unwrap().status(), 200);
+            }
+            // Still holding `sender`: only the server can end the connection.
+            pingora_timeout::timeout(Duration::from_secs(2), driver)
+                .await
+                .expect("the server did not end the connection")
+                .unwrap()
+                .unwrap();
+        });
+
+        let connection = handshake(Box::new(server), None).await.unwrap();
+        let mut session_handles = vec![];
+        let accept = server::accept_downstream_sessions(
+            connection,
+            Arc::new(Digest::default()),
+            shutdown_rx,
+            None,
+            Some(2),
+            |mut session, _guard| {
+                session_handles.push(tokio::spawn(async move {
+                    let resp = Box::new(ResponseHeader::build(200, None).unwrap());
+                    session.write_response_header(resp, true).unwrap();
+                }));
+            },
+        );
+        pingora_timeout::timeout(Duration::from_secs(2), accept)
+            .await
+            .expect("the accept loop did not end after the request limit");
+        assert_eq!(session_handles.len(), 2);
         for h in session_handles {
             h.await.unwrap();
         }

@@ -135,11 +135,13 @@ pub(crate) async fn accept_downstream_sessions<F>(
     digest: Arc<Digest>,
     mut shutdown: ShutdownWatch,
     idle_timeout: Option<Duration>,
+    max_sessions: Option<u32>,
     mut on_session: F,
 ) where
     F: FnMut(HttpSession, StreamGuard),
 {
     let mut shutdown_initiated = false;
+    let mut sessions_left = max_sessions;
     // Per-connection budget for malformed streams (see MAX_MALFORMED_STREAMS_PER_CONN).
     let mut malformed_streams = 0usize;
     // In-flight sessions, decremented by the `StreamGuard` given to `on_session`.
@@ -193,6 +195,15 @@ pub(crate) async fn accept_downstream_sessions<F>(
             Ok(Some(H2Accept::Rejected)) => continue,
             Ok(Some(H2Accept::Session(session))) => {
                 on_session(session, active.start_session());
+                if let Some(left) = sessions_left.as_mut() {
+                    *left = left.saturating_sub(1);
+                    if *left == 0 && !shutdown_initiated {
+                        // The connection's last request, as HTTP/1's keepalive
+                        // request limit: GOAWAY, then drain the streams open.
+                        conn.graceful_shutdown();
+                        shutdown_initiated = true;
+                    }
+                }
             }
         }
     }
