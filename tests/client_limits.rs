@@ -516,11 +516,17 @@ async fn http2_connection_ends_after_keepalive_requests() {
         );
     }
     // `client` is still held: only the proxy can end the connection.
-    tokio::time::timeout(WAIT, connection)
+    let ended = tokio::time::timeout(WAIT, connection)
         .await
         .expect("the connection was not ended after its last request")
-        .expect("connection task")
-        .expect("the connection ended with an error, not a graceful GOAWAY");
+        .expect("connection task");
+    // GOAWAY with NO_ERROR; the socket's close may race the client's last frames.
+    if let Err(error) = ended {
+        assert!(
+            error.reason() == Some(h2::Reason::NO_ERROR) || error.is_io(),
+            "{error:?}"
+        );
+    }
     assert!(client.ready().await.is_err(), "a 4th stream was accepted");
     assert_eq!(origin.count(), 3);
 }
