@@ -30,7 +30,6 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::upstreams::peer::{Tracer, Tracing};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
-use pingora_prometheus::prometheus::IntCounter;
 use pingora_proxy::{HttpProxy, Session};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep, sleep};
@@ -131,8 +130,6 @@ fn header_bytes(req: &RequestHeader) -> u64 {
 pub struct ClientGate {
     proxy: Arc<HttpProxy<ShadowGate>>,
     listeners: Arc<[Arc<ListenerState>]>,
-    handshake_timeouts: IntCounter,
-    handshake_failures: IntCounter,
 }
 
 /// One listener's limits and its open connections.
@@ -247,16 +244,11 @@ impl ClientGate {
                     limits: l.client.clone(),
                     open: AtomicU32::new(0),
                     open_per_ip: Mutex::new(HashMap::new()),
-                    metrics: metrics.listener(&l.address.to_string()),
+                    metrics: metrics.listener(&l.address.to_string(), l.tls.is_some()),
                 })
             })
             .collect();
-        ClientGate {
-            proxy,
-            listeners,
-            handshake_timeouts: metrics.tls_handshake_failures("timeout"),
-            handshake_failures: metrics.tls_handshake_failures("failed"),
-        }
+        ClientGate { proxy, listeners }
     }
 
     /// The pre-TLS step that admits this gate's TLS connections (see `TlsAdmission`).
@@ -564,16 +556,23 @@ impl ServerApp for ClientGate {
 
     /// Failed TLS handshakes are the internet's background noise (scanners, clients
     /// giving up): counted, and logged at debug rather than Pingora's error level.
-    fn handshake_failed(&self, peer: Option<&PeerAddr>, error: &Error) {
+    fn handshake_failed(&self, endpoint: &str, peer: Option<&PeerAddr>, error: &Error) {
         if error.etype() == &REFUSED_BEFORE_HANDSHAKE {
             return; // counted as a refusal by `TlsAdmission`
         }
-        if error.etype() == &ErrorType::TLSHandshakeTimedout {
-            self.handshake_timeouts.inc();
-        } else {
-            self.handshake_failures.inc();
+        // The endpoint is the listener's address as configured.
+        let listener = endpoint
+            .parse::<SocketAddr>()
+            .ok()
+            .and_then(|address| self.listeners.iter().find(|l| l.address == address));
+        if let Some(failures) = listener.and_then(|l| l.metrics.tls_handshake_failures.as_ref()) {
+            if error.etype() == &ErrorType::TLSHandshakeTimedout {
+                failures.timeout.inc();
+            } else {
+                failures.failed.inc();
+            }
         }
-        debug!("TLS handshake with {peer:?} failed: {error}");
+        debug!("TLS handshake on {endpoint} with {peer:?} failed: {error}");
     }
 }
 
@@ -670,7 +669,7 @@ mod tests {
             },
             open: AtomicU32::new(0),
             open_per_ip: Mutex::new(HashMap::new()),
-            metrics: Metrics::global().listener(&format!("unit-{address}")),
+            metrics: Metrics::global().listener(&format!("unit-{address}"), false),
         })
     }
 

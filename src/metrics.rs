@@ -168,7 +168,7 @@ impl Metrics {
             tls_handshake_failures: counter(
                 "shadowgate_tls_handshake_failures_total",
                 "TLS handshakes that failed (failed) or did not finish within the listener's header_timeout_ms (timeout)",
-                &["reason"],
+                &["listener", "reason"],
             ),
             upstream_retries: counter(
                 "shadowgate_upstream_retries_total",
@@ -191,14 +191,18 @@ impl Metrics {
             .set(healthy as i64);
     }
 
-    /// The counter of failed TLS handshakes for one reason, `timeout` or `failed`.
-    pub fn tls_handshake_failures(&self, reason: &str) -> IntCounter {
-        self.tls_handshake_failures.with_label_values(&[reason])
-    }
-
-    /// Handles for one listener's client connections.
-    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+    /// Handles for one listener's client connections; `tls` for a listener that
+    /// terminates TLS (only those count handshakes).
+    pub fn listener(&self, listener: &str, tls: bool) -> ListenerMetrics {
+        let handshakes = |reason| {
+            self.tls_handshake_failures
+                .with_label_values(&[listener, reason])
+        };
         ListenerMetrics {
+            tls_handshake_failures: tls.then(|| TlsHandshakeFailures {
+                failed: handshakes("failed"),
+                timeout: handshakes("timeout"),
+            }),
             open: self.client_connections.with_label_values(&[listener]),
             refused_total: self
                 .client_refused
@@ -280,6 +284,13 @@ pub struct ListenerMetrics {
     pub refused_total: IntCounter,
     pub refused_per_ip: IntCounter,
     pub header_timeouts: IntCounter,
+    pub tls_handshake_failures: Option<TlsHandshakeFailures>,
+}
+
+/// A TLS listener's failed handshakes, by reason.
+pub struct TlsHandshakeFailures {
+    pub failed: IntCounter,
+    pub timeout: IntCounter,
 }
 
 /// Pre-labelled metrics of one mirror.

@@ -353,7 +353,7 @@ async fn tls_handshake_failures(proxy: &Proxy, reason: &str) -> f64 {
     proxy
         .metric(
             "shadowgate_tls_handshake_failures_total",
-            &[("reason", reason)],
+            &[("listener", &proxy.addr.to_string()), ("reason", reason)],
         )
         .await
 }
@@ -442,7 +442,7 @@ async fn failed_tls_handshakes_are_counted_and_free_their_slots() {
     proxy
         .wait_for_metric(
             "shadowgate_tls_handshake_failures_total",
-            &[("reason", "failed")],
+            &[("listener", &proxy.addr.to_string()), ("reason", "failed")],
             |v| v >= before + 3.0,
             WAIT,
         )

@@ -61,12 +61,13 @@ pub trait ServerApp {
     async fn cleanup(&self) {}
 
     /// Called when the handshake of a new connection (pre-TLS processing, then the TLS
-    /// handshake) fails or times out, before the connection is dropped. `peer` is the
+    /// handshake) fails or times out, before the connection is dropped. `endpoint` is the
+    /// address the connection came in on, as the service's endpoint was given; `peer` is the
     /// client's address when known.
     ///
     /// Logs the failure at error level unless overridden: an application facing the internet
     /// may rather count these failures and log them at a lower level.
-    fn handshake_failed(&self, peer: Option<&SocketAddr>, error: &Error) {
+    fn handshake_failed(&self, _endpoint: &str, peer: Option<&SocketAddr>, error: &Error) {
         match peer {
             Some(addr) => error!("Downstream handshake error from {addr}: {error}"),
             None => error!("Downstream handshake error: {error}"),

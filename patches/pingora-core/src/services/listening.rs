@@ -203,6 +203,8 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
         mut stack: TransportStack,
         mut shutdown: ShutdownWatch,
     ) {
+        // Named to the app when a handshake fails.
+        let endpoint: Arc<str> = stack.as_str().into();
         // the accept loop, until the system is shutting down
         loop {
             let new_io = tokio::select! { // TODO: consider biased for perf reason?
@@ -228,6 +230,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
+                    let endpoint = endpoint.clone();
                     let peer_addr = io.peer_addr();
                     let handshake_timeout = io.handshake_timeout();
                     // Boxed, and finished before the connection is served: the
@@ -238,13 +241,13 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                         let handshake = timeout(handshake_timeout, handshake).await;
                         match handshake {
                             Ok(Ok(io)) => Self::handle_event(io, app, shutdown).await,
-                            Ok(Err(e)) => app.handshake_failed(peer_addr.as_ref(), &e),
+                            Ok(Err(e)) => app.handshake_failed(&endpoint, peer_addr.as_ref(), &e),
                             Err(_) => {
                                 let e = Error::explain(
                                     ErrorType::TLSHandshakeTimedout,
                                     format!("handshake not done within {handshake_timeout:?}"),
                                 );
-                                app.handshake_failed(peer_addr.as_ref(), &e);
+                                app.handshake_failed(&endpoint, peer_addr.as_ref(), &e);
                             }
                         }
                     });
