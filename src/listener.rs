@@ -386,8 +386,7 @@ async fn next_request_arrives(
     shutdown_begins: Pin<&mut impl Future<Output = ()>>,
 ) -> Option<Stream> {
     let keepalive = keepalive?;
-    if stream.get_ssl_digest().is_some() {
-        // Checked by `is_rustls` before the connection's first wait.
+    if is_rustls(&stream) {
         let mut tls = stream.into_any().downcast::<RustlsStream>().ok()?;
         let arrived = idle_wait(tls.wait_for_data(), keepalive, timer, shutdown_begins).await;
         return arrived.then_some(tls as Stream);
