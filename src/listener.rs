@@ -272,9 +272,9 @@ impl ClientGate {
         // the real bound, so Pingora's must never be the shorter.
         let pingora_keepalive = keepalive.map(|k| k.max(limits.header_timeout()).as_secs().max(1));
         // Between requests the connection waits for the next one's first bytes holding
-        // no request state: on a plain socket by peeking, over TLS by waiting on the
-        // socket under the session. A TLS stream of another kind could not be waited
-        // on: there the header deadline also covers the idle wait.
+        // no request state: on a plain socket in its read buffer, over TLS on the socket
+        // under the session. A TLS stream of another kind could not be waited on: there
+        // the header deadline also covers the idle wait.
         let can_wait = stream.get_ssl_digest().is_none() || is_rustls(&stream);
         let reused_deadline = if can_wait {
             limits.header_timeout()
@@ -386,15 +386,8 @@ async fn next_request_arrives(
     shutdown_begins: Pin<&mut impl Future<Output = ()>>,
 ) -> Option<Stream> {
     let keepalive = keepalive?;
-    if is_rustls(&stream) {
-        let mut tls = stream.into_any().downcast::<RustlsStream>().ok()?;
-        let arrived = idle_wait(tls.wait_for_data(), keepalive, timer, shutdown_begins).await;
-        return arrived.then_some(tls as Stream);
-    }
-    let mut first_byte = [0u8; 1];
-    // `try_peek` reads one byte and puts it back for the header parser.
-    let peeked = stream.try_peek(&mut first_byte);
-    let arrived = idle_wait(peeked, keepalive, timer, shutdown_begins).await;
+    // A plain socket's data waits in its read buffer, a TLS session's under it.
+    let arrived = idle_wait(stream.wait_for_data(), keepalive, timer, shutdown_begins).await;
     arrived.then_some(stream)
 }
 

@@ -79,6 +79,12 @@ pub trait Peek {
     async fn try_peek(&mut self, _buf: &mut [u8]) -> std::io::Result<bool> {
         Ok(false)
     }
+    /// Wait until the next read would return data, without consuming any of it.
+    /// Return `false` if waiting is not supported or the stream has ended.
+    /// By default, peeks one byte.
+    async fn wait_for_data(&mut self) -> std::io::Result<bool> {
+        self.try_peek(&mut [0u8; 1]).await
+    }
 }
 
 use std::any::Any;

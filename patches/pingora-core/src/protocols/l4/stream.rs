@@ -750,6 +750,20 @@ impl Peek for Stream {
         self.rewind(buf);
         Ok(true)
     }
+
+    async fn wait_for_data(&mut self) -> std::io::Result<bool> {
+        if !self.rewind_read_buf.is_empty() {
+            return Ok(true);
+        }
+        match self.stream_mut() {
+            // Data read into the read buffer stays there for the next read.
+            BufferedStream::BufferedRead(reader) => {
+                use tokio::io::AsyncBufReadExt;
+                Ok(!reader.fill_buf().await?.is_empty())
+            }
+            BufferedStream::UnbufferedRead(_) => self.try_peek(&mut [0u8; 1]).await,
+        }
+    }
 }
 
 #[async_trait]
@@ -1095,6 +1109,55 @@ mod tests {
         let mut buffer = vec![];
         stream.read_to_end(&mut buffer).await.unwrap();
         assert_eq!(buffer, message);
+    }
+
+    #[tokio::test]
+    async fn test_wait_for_data_leaves_the_data_for_one_read() {
+        let message = b"GET / HTTP/1.1\r\n\r\n";
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                stream.write_all(message).await.unwrap();
+            }
+        });
+
+        for read_buffer in [None, Some(0)] {
+            let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
+            stream.set_buffer(L4BufferSettings {
+                read: read_buffer,
+                write: None,
+            });
+            assert!(stream.wait_for_data().await.unwrap());
+            // Waiting again consumes nothing either.
+            assert!(stream.wait_for_data().await.unwrap());
+            let mut buffer = vec![];
+            stream.read_to_end(&mut buffer).await.unwrap();
+            assert_eq!(buffer, message);
+            // The peer has closed.
+            assert!(!matches!(stream.wait_for_data().await, Ok(true)));
+        }
+
+        // With a read buffer, the data comes back in one read, not split at a peeked byte.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.write_all(message).await.unwrap();
+            stream.flush().await.unwrap();
+            // Keep the connection open until the client is done.
+            let _ = stream.read(&mut [0u8; 1]).await;
+        });
+        let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
+        stream.set_buffer(L4BufferSettings {
+            read: None,
+            write: None,
+        });
+        assert!(stream.wait_for_data().await.unwrap());
+        let mut buffer = vec![0u8; 100];
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert_eq!(&buffer[..n], message);
     }
 
     #[tokio::test]

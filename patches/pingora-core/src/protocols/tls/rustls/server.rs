@@ -210,6 +210,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_wait_for_data_sees_decrypted_data_not_yet_read() {
+        use crate::protocols::Peek;
         use tokio::io::AsyncWriteExt;
 
         let cert = format!("{}/tests/keys/server.crt", env!("CARGO_MANIFEST_DIR"));

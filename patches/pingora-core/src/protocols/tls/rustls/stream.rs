@@ -145,25 +145,6 @@ impl<T> TlsStream<T> {
     }
 }
 
-impl<T: Peek + Send> TlsStream<T> {
-    /// Wait for the peer's next data without consuming any of it: at once if
-    /// decrypted data (or the peer's close) is already buffered, otherwise once
-    /// the transport has a byte to read, which it keeps for the next read.
-    /// Returns `Ok(false)` if there is no established session or the transport
-    /// cannot peek. For a server waiting out a kept-alive connection's idle time
-    /// without holding a read buffer.
-    pub async fn wait_for_data(&mut self) -> IoResult<bool> {
-        let Some(stream) = self.tls.stream.as_mut() else {
-            return Ok(false);
-        };
-        let (io, state) = stream.get_mut();
-        if !state.wants_read() {
-            return Ok(true);
-        }
-        io.try_peek(&mut [0u8; 1]).await
-    }
-}
-
 impl<T> Deref for TlsStream<T> {
     type Target = InnerStream<T>;
 
@@ -447,4 +428,21 @@ impl SslDigest {
     }
 }
 
-impl<S> Peek for TlsStream<S> {}
+#[async_trait::async_trait]
+impl<S: Peek + Send> Peek for TlsStream<S> {
+    /// At once if decrypted data (or the peer's close) is already buffered,
+    /// otherwise when the transport has data, which it keeps for the next read.
+    /// `Ok(false)` if there is no established session or the transport cannot
+    /// wait. For a server waiting out a kept-alive connection's idle time
+    /// without holding a read buffer.
+    async fn wait_for_data(&mut self) -> IoResult<bool> {
+        let Some(stream) = self.tls.stream.as_mut() else {
+            return Ok(false);
+        };
+        let (io, state) = stream.get_mut();
+        if !state.wants_read() {
+            return Ok(true);
+        }
+        io.wait_for_data().await
+    }
+}
