@@ -99,16 +99,33 @@ async fn slow_header_is_closed_at_the_header_deadline() {
 
 #[tokio::test]
 async fn idle_time_between_requests_is_not_header_time() {
-    let (proxy, _origin) =
-        proxy_with_client("{ header_timeout_ms: 300, keepalive_timeout_ms: 5000 }").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
-    // Idle for longer than the header deadline, shorter than keep-alive.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
-    // A slow header on the kept-alive connection is timed from its first byte.
-    let took = slow_header_lasts(&mut stream, b"GET / HTTP/1.1\r\n").await;
-    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+    // With the connection's read buffer, and without one (the wait is then on the socket).
+    for read_buffer in ["", ", read_buffer_bytes: 0"] {
+        let (proxy, origin) = proxy_with_client(&format!(
+            "{{ header_timeout_ms: 300, keepalive_timeout_ms: 5000{read_buffer} }}"
+        ))
+        .await;
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+        // Idle for longer than the header deadline, shorter than keep-alive.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+        // Two requests in one write: the second, read with the first, is not left waiting.
+        stream.write_all(&GET.repeat(2)).await.expect("write");
+        for i in 0..2 {
+            let (head, _) = read_response(&mut stream)
+                .await
+                .unwrap_or_else(|| panic!("pipelined request {i}: no response ({read_buffer})"));
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        }
+        // A slow header on the kept-alive connection is timed from its first byte.
+        let took = slow_header_lasts(&mut stream, b"GET / HTTP/1.1\r\n").await;
+        assert!(
+            took < Duration::from_millis(2500),
+            "closed after {took:?} ({read_buffer})"
+        );
+        assert_eq!(origin.count(), 4, "{read_buffer}");
+    }
 }
 
 #[tokio::test]
@@ -151,16 +168,19 @@ async fn each_request_gets_its_own_full_deadlines() {
 
 #[tokio::test]
 async fn idle_keepalive_connection_is_closed_after_keepalive_timeout() {
-    let (proxy, _origin) = proxy_with_client("{ keepalive_timeout_ms: 500 }").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
-    let took = time_to_close(&mut stream, WAIT)
-        .await
-        .expect("the idle connection stayed open");
-    assert!(
-        took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
-        "closed after {took:?}"
-    );
+    for read_buffer in ["", ", read_buffer_bytes: 0"] {
+        let (proxy, _origin) =
+            proxy_with_client(&format!("{{ keepalive_timeout_ms: 500{read_buffer} }}")).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
+        let took = time_to_close(&mut stream, WAIT)
+            .await
+            .expect("the idle connection stayed open");
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
+            "closed after {took:?} ({read_buffer})"
+        );
+    }
 }
 
 #[tokio::test]

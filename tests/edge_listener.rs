@@ -270,25 +270,33 @@ async fn tls_keepalive_has_the_deadlines_of_cleartext() {
 /// pingora-core's unit test of `wait_for_data`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_tls_requests_are_answered_at_once() {
-    let (certs, primary, proxy) =
-        tls_to_primary("    client: { keepalive_timeout_ms: 5000 }").await;
-    let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
-    let requests = [
-        tls_get(Some(4096)),
-        tls_get(Some(10000)),
-        tls_get(Some(3000)),
-        tls_get(Some(7000)),
-        tls_get(None),
-    ]
-    .concat();
-    let started = std::time::Instant::now();
-    tls.write_all(&requests).await.expect("write");
-    for i in 0..5 {
-        assert_ok_on(&mut tls, &format!("pipelined request {i}")).await;
+    // With the connection's read buffer under the TLS session, and without one.
+    for read_buffer in ["", ", read_buffer_bytes: 0"] {
+        let (certs, primary, proxy) = tls_to_primary(&format!(
+            "    client: {{ keepalive_timeout_ms: 5000{read_buffer} }}"
+        ))
+        .await;
+        let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
+        let requests = [
+            tls_get(Some(4096)),
+            tls_get(Some(10000)),
+            tls_get(Some(3000)),
+            tls_get(Some(7000)),
+            tls_get(None),
+        ]
+        .concat();
+        let started = std::time::Instant::now();
+        tls.write_all(&requests).await.expect("write");
+        for i in 0..5 {
+            assert_ok_on(&mut tls, &format!("pipelined request {i} ({read_buffer})")).await;
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "answered after {took:?} ({read_buffer})"
+        );
+        assert_eq!(primary.count(), 5, "{read_buffer}");
     }
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(2), "answered after {took:?}");
-    assert_eq!(primary.count(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

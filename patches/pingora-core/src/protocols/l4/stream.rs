@@ -751,17 +751,31 @@ impl Peek for Stream {
         Ok(true)
     }
 
+    /// At once if bytes were put back; with a read buffer, when a read has filled
+    /// it (the data stays there for the next read); without one, when the socket
+    /// is readable, so that the next read takes the data straight from it.
     async fn wait_for_data(&mut self) -> std::io::Result<bool> {
         if !self.rewind_read_buf.is_empty() {
             return Ok(true);
         }
         match self.stream_mut() {
-            // Data read into the read buffer stays there for the next read.
             BufferedStream::BufferedRead(reader) => {
                 use tokio::io::AsyncBufReadExt;
                 Ok(!reader.fill_buf().await?.is_empty())
             }
-            BufferedStream::UnbufferedRead(_) => self.try_peek(&mut [0u8; 1]).await,
+            BufferedStream::UnbufferedRead(writer) => match &writer.get_ref().stream {
+                RawStream::Tcp(s) => {
+                    // Readiness tokio already holds may be left over from the last read
+                    // (one that filled its buffer does not clear it): a peek tells. Any
+                    // readiness to come is new data.
+                    if tokio::task::unconstrained(s.readable()).now_or_never().is_some() {
+                        return Ok(s.peek(&mut [0u8; 1]).await? > 0);
+                    }
+                    s.readable().await?;
+                    Ok(true)
+                }
+                _ => self.try_peek(&mut [0u8; 1]).await,
+            },
         }
     }
 }
@@ -1158,6 +1172,30 @@ mod tests {
         let mut buffer = vec![0u8; 100];
         let n = stream.read(&mut buffer).await.unwrap();
         assert_eq!(&buffer[..n], message);
+
+        // Without a read buffer, a read that filled its buffer leaves the socket marked
+        // readable; that must not pass for new data.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let more = Arc::new(Notify::new());
+        let more2 = more.clone();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.write_all(b"abcd").await.unwrap();
+            more2.notified().await;
+            stream.write_all(b"efgh").await.unwrap();
+            let _ = stream.read(&mut [0u8; 1]).await;
+        });
+        let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
+        stream.set_buffer(L4BufferSettings::unbuffered());
+        let mut four = [0u8; 4];
+        stream.read_exact(&mut four).await.unwrap();
+        assert_eq!(&four, b"abcd");
+        assert!(stream.wait_for_data().now_or_never().is_none());
+        more.notify_one();
+        assert!(stream.wait_for_data().await.unwrap());
+        stream.read_exact(&mut four).await.unwrap();
+        assert_eq!(&four, b"efgh");
     }
 
     #[tokio::test]
