@@ -1164,10 +1164,7 @@ mod tests {
             let _ = stream.read(&mut [0u8; 1]).await;
         });
         let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
-        stream.set_buffer(L4BufferSettings {
-            read: None,
-            write: None,
-        });
+        stream.set_buffer(L4BufferSettings::default());
         assert!(stream.wait_for_data().await.unwrap());
         let mut buffer = vec![0u8; 100];
         let n = stream.read(&mut buffer).await.unwrap();
