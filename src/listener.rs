@@ -272,9 +272,10 @@ impl ClientGate {
         // the real bound, so Pingora's must never be the shorter.
         let pingora_keepalive = keepalive.map(|k| k.max(limits.header_timeout()).as_secs().max(1));
         // Between requests the connection waits for the next one's first bytes holding
-        // no request state: on a plain socket in its read buffer, over TLS on the socket
-        // under the session. A TLS stream of another kind could not be waited on: there
-        // the header deadline also covers the idle wait.
+        // no request state (`Peek::wait_for_data`): on a plain socket in its read buffer
+        // (on the socket itself without one), over TLS on the socket under the session. A
+        // TLS stream of another kind could not be waited on: there the header deadline
+        // also covers the idle wait.
         let can_wait = stream.get_ssl_digest().is_none() || is_rustls(&stream);
         let reused_deadline = if can_wait {
             limits.header_timeout()
@@ -386,7 +387,7 @@ async fn next_request_arrives(
     shutdown_begins: Pin<&mut impl Future<Output = ()>>,
 ) -> Option<Stream> {
     let keepalive = keepalive?;
-    // A plain socket's data waits in its read buffer, a TLS session's under it.
+    // Data that arrives stays for the request reader: in the read buffer, or on the socket.
     let arrived = idle_wait(stream.wait_for_data(), keepalive, timer, shutdown_begins).await;
     arrived.then_some(stream)
 }
