@@ -235,19 +235,27 @@ async fn assert_ok_on(stream: &mut (impl tokio::io::AsyncRead + Unpin), what: &s
 /// its first byte; an idle connection closes at the keep-alive timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_keepalive_has_the_deadlines_of_cleartext() {
-    let (certs, _primary, proxy) =
-        tls_to_primary("    client: { header_timeout_ms: 300, keepalive_timeout_ms: 1500 }").await;
-    let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
-    tls.write_all(&tls_get(None)).await.expect("write");
-    assert_ok_on(&mut tls, "first request").await;
-    // Idle for longer than the header deadline, shorter than keep-alive.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    tls.write_all(&tls_get(None)).await.expect("write");
-    assert_ok_on(&mut tls, "after 800 ms idle").await;
-    // A slow header, a byte every 100 ms: cut off 300 ms after its first byte (when the
-    // idle wait was part of the header deadline, after 1.8 s).
-    let took = slow_header_lasts(&mut tls, b"GET /api/a HTTP/1.1\r\n").await;
-    assert!(took < Duration::from_millis(1200), "closed after {took:?}");
+    // With the connection's read buffer under the TLS session, and without one.
+    for read_buffer in ["", ", read_buffer_bytes: 0"] {
+        let (certs, _primary, proxy) = tls_to_primary(&format!(
+            "    client: {{ header_timeout_ms: 300, keepalive_timeout_ms: 1500{read_buffer} }}"
+        ))
+        .await;
+        let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
+        tls.write_all(&tls_get(None)).await.expect("write");
+        assert_ok_on(&mut tls, "first request").await;
+        // Idle for longer than the header deadline, shorter than keep-alive.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        tls.write_all(&tls_get(None)).await.expect("write");
+        assert_ok_on(&mut tls, &format!("after 800 ms idle ({read_buffer})")).await;
+        // A slow header, a byte every 100 ms: cut off 300 ms after its first byte (when
+        // the idle wait was part of the header deadline, after 1.8 s).
+        let took = slow_header_lasts(&mut tls, b"GET /api/a HTTP/1.1\r\n").await;
+        assert!(
+            took < Duration::from_millis(1200),
+            "closed after {took:?} ({read_buffer})"
+        );
+    }
 
     // Idle after a response: closed at the keep-alive timeout, the header's time unused.
     let (certs, _primary, proxy) =
