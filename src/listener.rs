@@ -383,28 +383,63 @@ async fn opens_with_h2_preface(stream: &mut Stream) -> std::io::Result<bool> {
 async fn next_request_arrives(
     mut stream: Stream,
     keepalive: Option<Duration>,
-    timer: Pin<&mut Sleep>,
-    shutdown_begins: Pin<&mut impl Future<Output = ()>>,
+    mut timer: Pin<&mut Sleep>,
+    mut shutdown_begins: Pin<&mut impl Future<Output = ()>>,
 ) -> Option<Stream> {
     let keepalive = keepalive?;
     // Data that arrives stays for the request reader: in the read buffer, or on the socket.
-    let arrived = idle_wait(stream.wait_for_data(), keepalive, timer, shutdown_begins).await;
-    arrived.then_some(stream)
+    // A busy connection keeps its buffers; one quiet for a while gives them back until
+    // its client speaks again (as NGINX frees an idle connection's buffers).
+    let first = keepalive.min(RELEASE_BUFFERS_AFTER);
+    let waited = idle_wait(
+        stream.wait_for_data(),
+        first,
+        timer.as_mut(),
+        shutdown_begins.as_mut(),
+    )
+    .await;
+    match waited {
+        Idle::Arrived => return Some(stream),
+        Idle::TimedOut if first < keepalive => stream.release_buffers(),
+        Idle::TimedOut | Idle::Ended => return None,
+    }
+    let waited = idle_wait(
+        stream.wait_for_data(),
+        keepalive - first,
+        timer,
+        shutdown_begins,
+    )
+    .await;
+    matches!(waited, Idle::Arrived).then_some(stream)
 }
 
-/// Whether `arrives` says data came before the keep-alive timeout and shutdown.
+/// How long a kept-alive connection waits for its next request with its buffers.
+const RELEASE_BUFFERS_AFTER: Duration = Duration::from_secs(1);
+
+/// How an idle wait ended.
+enum Idle {
+    Arrived,
+    TimedOut,
+    /// The client closed, the connection failed, or the server is shutting down.
+    Ended,
+}
+
+/// Wait for `arrives` (data came) for at most `limit`, and until shutdown.
 async fn idle_wait(
     arrives: impl Future<Output = std::io::Result<bool>>,
-    keepalive: Duration,
+    limit: Duration,
     timer: Pin<&mut Sleep>,
     shutdown_begins: Pin<&mut impl Future<Output = ()>>,
-) -> bool {
+) -> Idle {
     tokio::select! {
         // A request already waiting needs no clock.
         biased;
-        arrived = arrives => matches!(arrived, Ok(true)),
-        _ = rearmed(timer, keepalive) => false,
-        _ = shutdown_begins => false,
+        arrived = arrives => match arrived {
+            Ok(true) => Idle::Arrived,
+            _ => Idle::Ended,
+        },
+        _ = rearmed(timer, limit) => Idle::TimedOut,
+        _ = shutdown_begins => Idle::Ended,
     }
 }
 

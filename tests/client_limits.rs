@@ -107,8 +107,9 @@ async fn idle_time_between_requests_is_not_header_time() {
         .await;
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
         assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
-        // Idle for longer than the header deadline, shorter than keep-alive.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Idle for longer than the header deadline, shorter than keep-alive, and long
+        // enough for the connection to give back its buffers (after 1 s).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
         // Two requests in one write: the second, read with the first, is not left waiting.
         stream.write_all(&GET.repeat(2)).await.expect("write");
@@ -168,17 +169,22 @@ async fn each_request_gets_its_own_full_deadlines() {
 
 #[tokio::test]
 async fn idle_keepalive_connection_is_closed_after_keepalive_timeout() {
-    for read_buffer in ["", ", read_buffer_bytes: 0"] {
-        let (proxy, _origin) =
-            proxy_with_client(&format!("{{ keepalive_timeout_ms: 500{read_buffer} }}")).await;
+    // 1500 ms: the wait goes on without the buffers after 1 s, and still ends in time.
+    for (keepalive, read_buffer) in [(500, ""), (500, ", read_buffer_bytes: 0"), (1500, "")] {
+        let (proxy, _origin) = proxy_with_client(&format!(
+            "{{ keepalive_timeout_ms: {keepalive}{read_buffer} }}"
+        ))
+        .await;
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
         assert!(get_on(&mut stream).await.starts_with("HTTP/1.1 200"));
         let took = time_to_close(&mut stream, WAIT)
             .await
             .expect("the idle connection stayed open");
+        let keepalive = Duration::from_millis(keepalive);
         assert!(
-            took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
-            "closed after {took:?} ({read_buffer})"
+            took >= keepalive - Duration::from_millis(100)
+                && took < keepalive + Duration::from_millis(2500),
+            "closed after {took:?}, keepalive_timeout_ms is {keepalive:?} ({read_buffer})"
         );
     }
 }

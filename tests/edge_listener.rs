@@ -238,18 +238,19 @@ async fn tls_keepalive_has_the_deadlines_of_cleartext() {
     // With the connection's read buffer under the TLS session, and without one.
     for read_buffer in ["", ", read_buffer_bytes: 0"] {
         let (certs, _primary, proxy) = tls_to_primary(&format!(
-            "    client: {{ header_timeout_ms: 300, keepalive_timeout_ms: 1500{read_buffer} }}"
+            "    client: {{ header_timeout_ms: 300, keepalive_timeout_ms: 3000{read_buffer} }}"
         ))
         .await;
         let mut tls = tls_connect(&certs.ca, proxy.addr, "site.test").await;
         tls.write_all(&tls_get(None)).await.expect("write");
         assert_ok_on(&mut tls, "first request").await;
-        // Idle for longer than the header deadline, shorter than keep-alive.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Idle for longer than the header deadline, shorter than keep-alive, and long
+        // enough for the connection to give back its buffers (after 1 s).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         tls.write_all(&tls_get(None)).await.expect("write");
-        assert_ok_on(&mut tls, &format!("after 800 ms idle ({read_buffer})")).await;
+        assert_ok_on(&mut tls, &format!("after 1200 ms idle ({read_buffer})")).await;
         // A slow header, a byte every 100 ms: cut off 300 ms after its first byte (when
-        // the idle wait was part of the header deadline, after 1.8 s).
+        // the idle wait was part of the header deadline, after 3.3 s).
         let took = slow_header_lasts(&mut tls, b"GET /api/a HTTP/1.1\r\n").await;
         assert!(
             took < Duration::from_millis(1200),

@@ -85,6 +85,10 @@ pub trait Peek {
     async fn wait_for_data(&mut self) -> std::io::Result<bool> {
         self.try_peek(&mut [0u8; 1]).await
     }
+    /// Free the stream's buffers, if they hold nothing, for a wait on a peer that
+    /// has gone quiet; [`Peek::wait_for_data`] makes them again when data comes.
+    /// By default, does nothing.
+    fn release_buffers(&mut self) {}
 }
 
 use std::any::Any;

@@ -527,6 +527,9 @@ pub struct Stream {
     stream: Option<BufferedStream>,
     // the data put back at the front of the read buffer, in order to replay the read
     rewind_read_buf: Vec<Vec<u8>>,
+    // the buffer sizes set, and whether `release_buffers` has freed the buffers
+    buffers: L4BufferSettings,
+    buffers_released: bool,
     buffer_write: bool,
     proxy_digest: Option<Arc<ProxyDigest>>,
     socket_digest: Option<Arc<SocketDigest>>,
@@ -638,6 +641,8 @@ impl Stream {
             )
         });
         let _ = mem::replace(&mut self.stream, stream);
+        self.buffers = buffer;
+        self.buffers_released = false;
     }
 }
 
@@ -650,6 +655,8 @@ impl From<TcpStream> for Stream {
                 RawStreamWrapper::new(RawStream::Tcp(s)),
             )),
             rewind_read_buf: Vec::new(),
+            buffers: L4BufferSettings::unbuffered(),
+            buffers_released: false,
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -673,6 +680,8 @@ impl From<virt::VirtualSocketStream> for Stream {
                 RawStreamWrapper::new(RawStream::Virtual(s)),
             )),
             rewind_read_buf: Vec::new(),
+            buffers: L4BufferSettings::unbuffered(),
+            buffers_released: false,
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -697,6 +706,8 @@ impl From<UnixStream> for Stream {
                 RawStreamWrapper::new(RawStream::Unix(s)),
             )),
             rewind_read_buf: Vec::new(),
+            buffers: L4BufferSettings::unbuffered(),
+            buffers_released: false,
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -768,14 +779,40 @@ impl Peek for Stream {
                     // Readiness tokio already holds may be left over from the last read
                     // (one that filled its buffer does not clear it): a peek tells. Any
                     // readiness to come is new data.
-                    if tokio::task::unconstrained(s.readable()).now_or_never().is_some() {
-                        return Ok(s.peek(&mut [0u8; 1]).await? > 0);
+                    let arrived = if tokio::task::unconstrained(s.readable())
+                        .now_or_never()
+                        .is_some()
+                    {
+                        s.peek(&mut [0u8; 1]).await? > 0
+                    } else {
+                        s.readable().await?;
+                        true
+                    };
+                    if arrived && self.buffers_released {
+                        self.set_buffer(self.buffers);
                     }
-                    s.readable().await?;
-                    Ok(true)
+                    Ok(arrived)
                 }
                 _ => self.try_peek(&mut [0u8; 1]).await,
             },
+        }
+    }
+
+    /// Only for TCP, whose wait without buffers is on the socket's readiness.
+    fn release_buffers(&mut self) {
+        let empty = self.rewind_read_buf.is_empty()
+            && match self.stream() {
+                BufferedStream::BufferedRead(reader) => {
+                    reader.buffer().is_empty() && reader.get_ref().buffer().is_empty()
+                }
+                BufferedStream::UnbufferedRead(writer) => writer.buffer().is_empty(),
+            };
+        let tcp = matches!(self.stream().get_ref().stream, RawStream::Tcp(_));
+        if empty && tcp && !self.buffers_released {
+            let buffers = self.buffers;
+            self.set_buffer(L4BufferSettings::unbuffered());
+            self.buffers = buffers;
+            self.buffers_released = true;
         }
     }
 }
@@ -1191,6 +1228,38 @@ mod tests {
         assert!(stream.wait_for_data().now_or_never().is_none());
         more.notify_one();
         assert!(stream.wait_for_data().await.unwrap());
+        stream.read_exact(&mut four).await.unwrap();
+        assert_eq!(&four, b"efgh");
+    }
+
+    #[tokio::test]
+    async fn test_released_buffers_come_back_with_data() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let more = Arc::new(Notify::new());
+        let more2 = more.clone();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.write_all(b"abcd").await.unwrap();
+            more2.notified().await;
+            stream.write_all(b"efgh").await.unwrap();
+            let _ = stream.read(&mut [0u8; 1]).await;
+        });
+        let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
+        stream.set_buffer(L4BufferSettings::default());
+        // Data waiting in the read buffer keeps it.
+        assert!(stream.wait_for_data().await.unwrap());
+        stream.release_buffers();
+        assert!(matches!(stream.stream(), BufferedStream::BufferedRead(_)));
+        let mut four = [0u8; 4];
+        stream.read_exact(&mut four).await.unwrap();
+        // Empty, they go; the wait for more is on the socket, and they come back with it.
+        stream.release_buffers();
+        assert!(matches!(stream.stream(), BufferedStream::UnbufferedRead(_)));
+        more.notify_one();
+        assert!(stream.wait_for_data().await.unwrap());
+        assert!(matches!(stream.stream(), BufferedStream::BufferedRead(_)));
+        assert_eq!(stream.buffers, L4BufferSettings::default());
         stream.read_exact(&mut four).await.unwrap();
         assert_eq!(&four, b"efgh");
     }

@@ -445,4 +445,14 @@ impl<S: Peek + Send> Peek for TlsStream<S> {
         }
         io.wait_for_data().await
     }
+
+    /// The transport's buffers, when the session holds no data for the reader.
+    fn release_buffers(&mut self) {
+        if let Some(stream) = self.tls.stream.as_mut() {
+            let (io, state) = stream.get_mut();
+            if state.wants_read() {
+                io.release_buffers();
+            }
+        }
+    }
 }
