@@ -5,7 +5,11 @@
                                                     RSS per idle keep-alive connection; KIND is
                                                     h1 (default), tls (HTTP/1.1 over TLS), h2c or
                                                     h2 (over TLS); BINARY `nginx` measures NGINX
-                                                    (one worker) with the same clients
+                                                    (one worker) with the same clients. Then N
+                                                    more connections, opened once the first N
+                                                    have idled: what they add shows memory the
+                                                    idle ones gave back (a process left idle
+                                                    keeps freed pages in its RSS)
     scripts/client_limits_probe.py BINARY slowloris N                  slowloris connections closed in time
     scripts/client_limits_probe.py BINARY kill [retry_idempotent]      502s when one of two origins is killed
 
@@ -209,6 +213,12 @@ async def idle(binary, n, kind, read_buffer):
             f", read_buffer_bytes={'default' if read_buffer is None else read_buffer}"
         print(f"idle keep-alive {kind}: {n} connections, RSS {before/1024:.1f} -> {after/1024:.1f} MiB, "
               f"{per:.0f} bytes per connection ({os.path.basename(binary)}{buffer})")
+        for _ in range(n):
+            conns.append(await kept_alive(port, kind))
+        await asyncio.sleep(2)
+        more = rss_kib(proxy.measured_pid)
+        print(f"  {n} more once those had idled: RSS -> {more/1024:.1f} MiB, "
+              f"{(more - after) * 1024 / n:.0f} bytes per connection")
         for _, w in conns:
             w.close()
     finally:
