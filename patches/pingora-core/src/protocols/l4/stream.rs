@@ -1162,6 +1162,22 @@ mod tests {
         assert_eq!(buffer, message);
     }
 
+    /// A stream whose peer sends "abcd" at once and "efgh" when notified.
+    async fn abcd_then_efgh() -> (Stream, Arc<Notify>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let more = Arc::new(Notify::new());
+        let more2 = more.clone();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.write_all(b"abcd").await.unwrap();
+            more2.notified().await;
+            stream.write_all(b"efgh").await.unwrap();
+            let _ = stream.read(&mut [0u8; 1]).await;
+        });
+        (TcpStream::connect(addr).await.unwrap().into(), more)
+    }
+
     #[tokio::test]
     async fn test_wait_for_data_leaves_the_data_for_one_read() {
         let message = b"GET / HTTP/1.1\r\n\r\n";
@@ -1209,18 +1225,7 @@ mod tests {
 
         // Without a read buffer, a read that filled its buffer leaves the socket marked
         // readable; that must not pass for new data.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let more = Arc::new(Notify::new());
-        let more2 = more.clone();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            stream.write_all(b"abcd").await.unwrap();
-            more2.notified().await;
-            stream.write_all(b"efgh").await.unwrap();
-            let _ = stream.read(&mut [0u8; 1]).await;
-        });
-        let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
+        let (mut stream, more) = abcd_then_efgh().await;
         stream.set_buffer(L4BufferSettings::unbuffered());
         let mut four = [0u8; 4];
         stream.read_exact(&mut four).await.unwrap();
@@ -1234,18 +1239,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_released_buffers_come_back_with_data() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let more = Arc::new(Notify::new());
-        let more2 = more.clone();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            stream.write_all(b"abcd").await.unwrap();
-            more2.notified().await;
-            stream.write_all(b"efgh").await.unwrap();
-            let _ = stream.read(&mut [0u8; 1]).await;
-        });
-        let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
+        let (mut stream, more) = abcd_then_efgh().await;
         stream.set_buffer(L4BufferSettings::default());
         // Data waiting in the read buffer keeps it.
         assert!(stream.wait_for_data().await.unwrap());
