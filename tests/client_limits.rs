@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    Misbehavior, Origin, OriginOptions, Proxy, RawOrigin, WAIT, client, connect_from, h2c_connect,
-    pool, read_response, read_rest, slow_header_lasts, time_to_close, wait_for_open,
+    Misbehavior, Origin, OriginOptions, Proxy, READ_BUFFERS, RawOrigin, WAIT, client, connect_from,
+    h2c_connect, pool, read_response, read_rest, slow_header_lasts, time_to_close, wait_for_open,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -99,8 +99,7 @@ async fn slow_header_is_closed_at_the_header_deadline() {
 
 #[tokio::test]
 async fn idle_time_between_requests_is_not_header_time() {
-    // With the connection's read buffer, and without one (the wait is then on the socket).
-    for read_buffer in ["", ", read_buffer_bytes: 0"] {
+    for read_buffer in READ_BUFFERS {
         let (proxy, origin) = proxy_with_client(&format!(
             "{{ header_timeout_ms: 300, keepalive_timeout_ms: 5000{read_buffer} }}"
         ))
@@ -170,7 +169,11 @@ async fn each_request_gets_its_own_full_deadlines() {
 #[tokio::test]
 async fn idle_keepalive_connection_is_closed_after_keepalive_timeout() {
     // 1500 ms: the wait goes on without the buffers after 1 s, and still ends in time.
-    for (keepalive, read_buffer) in [(500, ""), (500, ", read_buffer_bytes: 0"), (1500, "")] {
+    for (keepalive, read_buffer) in [
+        (500, READ_BUFFERS[0]),
+        (500, READ_BUFFERS[1]),
+        (1500, READ_BUFFERS[0]),
+    ] {
         let (proxy, _origin) = proxy_with_client(&format!(
             "{{ keepalive_timeout_ms: {keepalive}{read_buffer} }}"
         ))

@@ -235,8 +235,7 @@ async fn assert_ok_on(stream: &mut (impl tokio::io::AsyncRead + Unpin), what: &s
 /// its first byte; an idle connection closes at the keep-alive timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_keepalive_has_the_deadlines_of_cleartext() {
-    // With the connection's read buffer under the TLS session, and without one.
-    for read_buffer in ["", ", read_buffer_bytes: 0"] {
+    for read_buffer in READ_BUFFERS {
         let (certs, _primary, proxy) = tls_to_primary(&format!(
             "    client: {{ header_timeout_ms: 300, keepalive_timeout_ms: 3000{read_buffer} }}"
         ))
@@ -279,8 +278,7 @@ async fn tls_keepalive_has_the_deadlines_of_cleartext() {
 /// pingora-core's unit test of `wait_for_data`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_tls_requests_are_answered_at_once() {
-    // With the connection's read buffer under the TLS session, and without one.
-    for read_buffer in ["", ", read_buffer_bytes: 0"] {
+    for read_buffer in READ_BUFFERS {
         let (certs, primary, proxy) = tls_to_primary(&format!(
             "    client: {{ keepalive_timeout_ms: 5000{read_buffer} }}"
         ))

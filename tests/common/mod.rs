@@ -22,6 +22,11 @@ pub use proxy::Proxy;
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// `client:` keys for a listener with its default read buffer and without one: tests of
+/// the keep-alive wait run both ways (with a buffer it waits in the buffer, without one on
+/// the socket's readiness).
+pub const READ_BUFFERS: [&str; 2] = ["", ", read_buffer_bytes: 0"];
+
 /// A client that speaks HTTP/2 by prior knowledge (for `h2c: true` listeners).
 pub fn h2c_client() -> reqwest::Client {
     reqwest::Client::builder()
