@@ -2,10 +2,11 @@
 //! Forwarding headers (X-Forwarded-For, X-Forwarded-Proto, Via), hop-by-hop removal and request keys.
 
 use std::borrow::Cow;
+use std::io::Write;
 use std::net::IpAddr;
 
 use http::Version;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora_http::RequestHeader;
 use pingora_http::authority::{RawTargetAuthority, is_http_family_scheme, raw_target_authority};
 
@@ -19,25 +20,66 @@ pub const VIA_TOKEN: &str = "1.1 shadowgate";
 /// `tls`: whether the client connected over TLS (`X-Forwarded-Proto: https`).
 pub fn add_forwarding_headers(req: &mut RequestHeader, client_ip: Option<IpAddr>, tls: bool) {
     if let Some(ip) = client_ip {
-        let forwarded_for = match req.headers.get("x-forwarded-for").map(|v| v.to_str()) {
-            Some(Ok(prior)) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-            _ => ip.to_string(),
+        let forwarded_for = match extended_list(req, &X_FORWARDED_FOR) {
+            Some(mut prior) => {
+                prior.push_str(&ip.to_string());
+                HeaderValue::try_from(prior)
+            }
+            None => Ok(ip_value(ip)),
         };
-        let _ = req.insert_header("x-forwarded-for", forwarded_for);
+        if let Ok(forwarded_for) = forwarded_for {
+            let _ = req.insert_header("x-forwarded-for", forwarded_for);
+        }
     }
     // We are the edge: the client's scheme is ours to state.
     let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
     let _ = req.insert_header("x-forwarded-proto", scheme);
     // Static values where nothing came before: no allocation on the common path.
-    let via = match req.headers.get(header::VIA).map(|v| v.to_str()) {
-        Some(Ok(prior)) if !prior.trim().is_empty() => {
-            HeaderValue::try_from(format!("{prior}, {VIA_TOKEN}"))
+    let via = match extended_list(req, &header::VIA) {
+        Some(mut prior) => {
+            prior.push_str(VIA_TOKEN);
+            HeaderValue::try_from(prior)
         }
-        _ => Ok(HeaderValue::from_static(VIA_TOKEN)),
+        None => Ok(HeaderValue::from_static(VIA_TOKEN)),
     };
     if let Ok(via) = via {
         let _ = req.insert_header(header::VIA, via);
     }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// A list field's prior items, every line of it in order (RFC 9110 §5.3: lines of
+/// one field are one comma-separated list), followed by `", "` for the item the
+/// caller appends; `None` when there are none. Lines that are not visible ASCII
+/// are left out, as a value that cannot be read cannot be vouched for.
+fn extended_list(req: &RequestHeader, name: &HeaderName) -> Option<String> {
+    let mut list = String::new();
+    for line in &req.headers.get_all(name) {
+        match line.to_str().map(str::trim) {
+            Ok(items) if !items.is_empty() => {
+                list.push_str(items);
+                list.push_str(", ");
+            }
+            _ => {}
+        }
+    }
+    (!list.is_empty()).then_some(list)
+}
+
+/// An address as a header value, written on the stack: the value's own bytes
+/// are its one allocation (`to_string` makes a growing `String` first).
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    // The longest address text, an IPv6 one with an embedded IPv4, is 45 bytes.
+    let mut text = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    let written = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    match written {
+        Ok(()) => HeaderValue::from_bytes(&text[..len]),
+        Err(_) => HeaderValue::try_from(ip.to_string()),
+    }
+    .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Why a request must be refused with 400 before it goes anywhere, if it must.
@@ -216,6 +258,39 @@ mod tests {
         assert_eq!(req.headers["x-forwarded-proto"], "http");
         add_forwarding_headers(&mut req, None, true);
         assert_eq!(req.headers["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn prior_hops_on_several_lines_are_one_list() {
+        let mut req = request(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", " "),
+            ("x-forwarded-for", "10.0.0.2, 10.0.0.3"),
+            ("via", "1.0 a"),
+            ("via", "1.1 b"),
+        ]);
+        add_forwarding_headers(&mut req, Some("127.0.0.9".parse().unwrap()), false);
+        let all = |name| req.headers.get_all(name).iter().collect::<Vec<_>>();
+        assert_eq!(
+            all("x-forwarded-for"),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.9"]
+        );
+        assert_eq!(all("via"), ["1.0 a, 1.1 b, 1.1 shadowgate"]);
+    }
+
+    #[test]
+    fn client_addresses_are_written_whole() {
+        for ip in [
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+            "64:ff9b::255.255.255.255",
+        ] {
+            let addr: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(addr), addr.to_string().as_str());
+        }
     }
 
     #[test]

@@ -203,6 +203,18 @@ fn cases() -> Vec<Case> {
             b"",
             &[Values("x-forwarded-for", &["10.0.0.1, 127.0.0.1"])],
         ),
+        accepted(
+            "prior_forwarding_lists_on_several_lines_joined",
+            &get(
+                "X-Forwarded-For: 10.0.0.1\r\nVia: 1.0 a\r\nX-Forwarded-For: 10.0.0.2\r\nVia: 1.1 b\r\n",
+            ),
+            none.clone(),
+            b"",
+            &[
+                Values("x-forwarded-for", &["10.0.0.1, 10.0.0.2, 127.0.0.1"]),
+                Values("via", &["1.0 a, 1.1 b, 1.1 shadowgate"]),
+            ],
+        ),
         // --- Host (RFC 9112 §3.2)
         refused(
             "http11_without_host",
