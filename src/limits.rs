@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::metrics::{Metrics, UnderscoreCounters};
+
 /// Pingora's own ceiling on header lines; a request with more gets its 400.
 pub const PINGORA_MAX_HEADERS: u64 = 256;
 /// Pingora's own ceiling on the request header size (1 MiB); above it, 400.
@@ -39,6 +41,26 @@ pub struct ClientLimits {
     /// Read buffer of each connection. Pingora's default of 64 KiB is most of an idle
     /// connection's memory; large bodies are read in larger pieces regardless.
     pub read_buffer_bytes: u64,
+    /// Request header fields whose names have an underscore.
+    pub headers_with_underscores: UnderscoreHeaders,
+}
+
+/// What a listener does with request header fields whose names have an underscore.
+///
+/// Servers that pass fields to applications as CGI-style variables read `X_Forwarded_For`
+/// and `X-Forwarded-For` as the same `HTTP_X_FORWARDED_FOR`, so a client could pass such a
+/// field off as one this proxy sets or vouches for. NGINX ignores them by default
+/// (`underscores_in_headers off`); Envoy advises dropping or rejecting them at the edge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderscoreHeaders {
+    /// The fields go no further: not upstream, not to a shadow, not to routing.
+    #[default]
+    Drop,
+    /// The request is answered 400.
+    Reject,
+    /// The fields are passed on like any other.
+    Allow,
 }
 
 impl Default for ClientLimits {
@@ -54,6 +76,7 @@ impl Default for ClientLimits {
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             read_buffer_bytes: 4 * 1024,
+            headers_with_underscores: UnderscoreHeaders::Drop,
         }
     }
 }
@@ -155,31 +178,61 @@ pub fn listens_on(address: SocketAddr, local: SocketAddr) -> bool {
             && address.is_ipv4() == local.is_ipv4())
 }
 
+/// What a request's header must meet on one listener, checked once it is read
+/// (`listener::header_received`), with the counters for what it did.
+#[derive(Clone)]
+pub struct HeaderRules {
+    pub max_bytes: u64,
+    pub max_fields: u64,
+    pub underscores: UnderscoreHeaders,
+    pub underscore_counts: UnderscoreCounters,
+}
+
+impl HeaderRules {
+    /// The rules of the listener bound to `address`.
+    pub fn new(limits: &ClientLimits, address: SocketAddr, metrics: &Metrics) -> Self {
+        HeaderRules {
+            max_bytes: limits.max_header_bytes,
+            max_fields: limits.max_headers,
+            underscores: limits.headers_with_underscores,
+            underscore_counts: metrics.underscore_requests(&address.to_string()),
+        }
+    }
+}
+
+/// One listener's client limits and header rules.
+pub struct ListenerLimits {
+    address: SocketAddr,
+    pub client: ClientLimits,
+    pub header: HeaderRules,
+}
+
 /// Each listener's client limits by its address, for HTTP/2 streams: Pingora runs every
 /// stream in a task of its own, outside `ClientGate`'s loop, so a stream finds its
 /// listener by the connection's local address.
-pub struct LimitsByListener(Vec<(SocketAddr, ClientLimits)>);
+pub struct LimitsByListener(Vec<ListenerLimits>);
 
 impl LimitsByListener {
-    pub fn new(listeners: &[crate::config::ListenerConfig]) -> Self {
+    pub fn new(listeners: &[crate::config::ListenerConfig], metrics: &Metrics) -> Self {
         LimitsByListener(
             listeners
                 .iter()
-                .map(|l| (l.address.0, l.client.clone()))
+                .map(|l| ListenerLimits {
+                    address: l.address.0,
+                    client: l.client.clone(),
+                    header: HeaderRules::new(&l.client, l.address.0, metrics),
+                })
                 .collect(),
         )
     }
 
     /// The limits of the listener that accepted a connection on `local`.
-    pub fn of(&self, local: Option<SocketAddr>) -> Option<&ClientLimits> {
-        if let [(_, only)] = self.0.as_slice() {
+    pub fn of(&self, local: Option<SocketAddr>) -> Option<&ListenerLimits> {
+        if let [only] = self.0.as_slice() {
             return Some(only);
         }
         let local = local?;
-        self.0
-            .iter()
-            .find(|(address, _)| listens_on(*address, local))
-            .map(|(_, limits)| limits)
+        self.0.iter().find(|l| listens_on(l.address, local))
     }
 }
 
@@ -221,6 +274,11 @@ mod tests {
         let limits: ClientLimits = serde_yaml::from_str("max_headers: 50").unwrap();
         assert_eq!(limits.max_headers, 50);
         assert_eq!(limits.header_timeout_ms, 10_000);
+        assert_eq!(limits.headers_with_underscores, UnderscoreHeaders::Drop);
+        let limits: ClientLimits =
+            serde_yaml::from_str("headers_with_underscores: reject").unwrap();
+        assert_eq!(limits.headers_with_underscores, UnderscoreHeaders::Reject);
+        assert!(serde_yaml::from_str::<ClientLimits>("headers_with_underscores: keep").is_err());
     }
 
     #[test]
@@ -234,10 +292,15 @@ mod tests {
                 ..ClientLimits::default()
             },
         };
-        let send_timeout = |limits: Option<&ClientLimits>| limits.map(|l| l.send_timeout_ms);
-        let one = LimitsByListener::new(&[listener("127.0.0.1:80", 5)]);
+        let send_timeout =
+            |limits: Option<&ListenerLimits>| limits.map(|l| l.client.send_timeout_ms);
+        let metrics = Metrics::global();
+        let one = LimitsByListener::new(&[listener("127.0.0.1:80", 5)], &metrics);
         assert_eq!(send_timeout(one.of(None)), Some(5));
-        let two = LimitsByListener::new(&[listener("127.0.0.1:80", 5), listener("0.0.0.0:81", 7)]);
+        let two = LimitsByListener::new(
+            &[listener("127.0.0.1:80", 5), listener("0.0.0.0:81", 7)],
+            &metrics,
+        );
         let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
         assert_eq!(send_timeout(two.of(at("127.0.0.1:80"))), Some(5));
         assert_eq!(send_timeout(two.of(at("10.1.2.3:81"))), Some(7));

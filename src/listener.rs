@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use http::HeaderName;
 use log::debug;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::listeners::PreTlsProcess;
@@ -35,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep, sleep};
 
 use crate::config::ListenerConfig;
-use crate::limits::{ClientLimits, LimitsByListener, listens_on};
+use crate::limits::{ClientLimits, HeaderRules, LimitsByListener, UnderscoreHeaders, listens_on};
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::proxy::ShadowGate;
 
@@ -51,32 +52,30 @@ tokio::task_local! {
 /// What the proxy's first filter needs to know about the request it runs in.
 struct RequestState {
     header_received: AtomicBool,
-    max_header_bytes: u64,
-    max_headers: u64,
+    header: HeaderRules,
     /// False when the listener has keep-alive off.
     keepalive: bool,
 }
 
 /// Called from `early_request_filter`, which Pingora runs right after the header was read:
 /// stops the header clock, applies the listener's keep-alive switch (Pingora has just set
-/// keep-alive from the request's own `Connection` header), and answers 431 to a header over
-/// the listener's limits.
+/// keep-alive from the request's own `Connection` header), answers 431 to a header over
+/// the listener's limits and applies its rule for field names with an underscore.
 pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> Result<()> {
-    let Ok((max_bytes, max_headers, keepalive)) = CURRENT_REQUEST.try_with(|state| {
+    let checked = CURRENT_REQUEST.try_with(|state| {
         state.header_received.store(true, Ordering::Relaxed);
-        (state.max_header_bytes, state.max_headers, state.keepalive)
-    }) else {
-        return http2_stream_received(session, listeners);
-    };
-    if !keepalive {
-        session.set_keepalive(None);
-    }
-    check_header_size(session.req_header(), max_bytes, max_headers)
+        if !state.keepalive {
+            session.set_keepalive(None);
+        }
+        check_header(session, &state.header)
+    });
+    // Outside `ClientGate`'s loop: an HTTP/2 stream.
+    checked.unwrap_or_else(|_| http2_stream_received(session, listeners))
 }
 
 /// The same for an HTTP/2 stream, which Pingora runs in a task of its own, outside
 /// `ClientGate`'s loop: its listener, found by the connection's local address, gives it the
-/// send and body timeouts and the header limits an HTTP/1 request has.
+/// send and body timeouts and the header rules an HTTP/1 request has.
 fn http2_stream_received(session: &mut Session, listeners: &LimitsByListener) -> Result<()> {
     let local = session
         .digest()
@@ -84,46 +83,99 @@ fn http2_stream_received(session: &mut Session, listeners: &LimitsByListener) ->
         .and_then(|d| d.local_addr())
         .and_then(|a| a.as_inet())
         .copied();
-    let Some(limits) = listeners.of(local) else {
+    let Some(listener) = listeners.of(local) else {
         return Ok(());
     };
     let downstream = session.as_downstream_mut();
-    downstream.set_write_timeout(Some(limits.send_timeout()));
-    downstream.set_read_timeout(Some(limits.body_timeout()));
-    check_header_size(
-        session.req_header(),
-        limits.max_header_bytes,
-        limits.max_headers,
-    )
+    downstream.set_write_timeout(Some(listener.client.send_timeout()));
+    downstream.set_read_timeout(Some(listener.client.body_timeout()));
+    check_header(session, &listener.header)
 }
 
-fn check_header_size(req: &RequestHeader, max_bytes: u64, max_headers: u64) -> Result<()> {
-    let count = req.headers.len() as u64;
-    if count > max_headers {
-        return Error::e_explain(
-            ErrorType::HTTPStatus(431),
-            format!("request has {count} header fields; the listener allows {max_headers}"),
-        );
-    }
-    let bytes = header_bytes(req);
-    if bytes > max_bytes {
-        return Error::e_explain(
-            ErrorType::HTTPStatus(431),
-            format!("request header is {bytes} bytes; the listener allows {max_bytes}"),
-        );
+fn check_header(session: &mut Session, rules: &HeaderRules) -> Result<()> {
+    if check_header_size(session.req_header(), rules)? {
+        apply_underscore_rule(session, rules)?;
     }
     Ok(())
 }
 
-/// Size of the header as sent: request line and fields with their separators.
-fn header_bytes(req: &RequestHeader) -> u64 {
-    let request_line = req.method.as_str().len() + 1 + req.raw_path().len() + 1 + 8 + 2;
-    let fields: usize = req
+/// 431 for a header over the listener's limits; else whether a field name has an underscore.
+fn check_header_size(req: &RequestHeader, rules: &HeaderRules) -> Result<bool> {
+    let count = req.headers.len() as u64;
+    if count > rules.max_fields {
+        return Error::e_explain(
+            ErrorType::HTTPStatus(431),
+            format!(
+                "request has {count} header fields; the listener allows {}",
+                rules.max_fields
+            ),
+        );
+    }
+    let (bytes, underscored) = measure_header(req);
+    if bytes > rules.max_bytes {
+        return Error::e_explain(
+            ErrorType::HTTPStatus(431),
+            format!(
+                "request header is {bytes} bytes; the listener allows {}",
+                rules.max_bytes
+            ),
+        );
+    }
+    Ok(underscored)
+}
+
+/// `headers_with_underscores`: drop such fields before anything reads them (routing,
+/// keys, the primary's and the shadows' headers), or refuse the request.
+fn apply_underscore_rule(session: &mut Session, rules: &HeaderRules) -> Result<()> {
+    match rules.underscores {
+        UnderscoreHeaders::Allow => Ok(()),
+        UnderscoreHeaders::Reject => {
+            rules.underscore_counts.rejected.inc();
+            // Whatever follows on this connection is not worth reading either.
+            session.set_keepalive(None);
+            Error::e_explain(
+                ErrorType::HTTPStatus(400),
+                "a header field name has an underscore (listener's headers_with_underscores: reject)",
+            )
+        }
+        UnderscoreHeaders::Drop => {
+            rules.underscore_counts.dropped.inc();
+            let dropped = drop_underscored_fields(session.req_header_mut());
+            debug!("dropped header fields with underscores: {dropped:?}");
+            Ok(())
+        }
+    }
+}
+
+/// Remove every field whose name has an underscore; returns their names.
+fn drop_underscored_fields(req: &mut RequestHeader) -> Vec<HeaderName> {
+    let names: Vec<HeaderName> = req
         .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
-        .sum();
-    (request_line + fields + 2) as u64
+        .keys()
+        .filter(|name| has_underscore(name))
+        .cloned()
+        .collect();
+    for name in &names {
+        req.remove_header(name);
+    }
+    names
+}
+
+fn has_underscore(name: &HeaderName) -> bool {
+    name.as_str().as_bytes().contains(&b'_')
+}
+
+/// Size of the header as sent (request line and fields with their separators), and
+/// whether a field name has an underscore: one pass over the fields for both.
+fn measure_header(req: &RequestHeader) -> (u64, bool) {
+    let request_line = req.method.as_str().len() + 1 + req.raw_path().len() + 1 + 8 + 2;
+    let mut fields = 0;
+    let mut underscored = false;
+    for (name, value) in &req.headers {
+        fields += name.as_str().len() + 2 + value.len() + 2;
+        underscored |= has_underscore(name);
+    }
+    ((request_line + fields + 2) as u64, underscored)
 }
 
 /// The proxy, fronted by each listener's client limits.
@@ -136,6 +188,7 @@ pub struct ClientGate {
 struct ListenerState {
     address: SocketAddr,
     limits: ClientLimits,
+    header: HeaderRules,
     open: AtomicU32,
     open_per_ip: Mutex<HashMap<IpAddr, u32>>,
     metrics: ListenerMetrics,
@@ -242,6 +295,7 @@ impl ClientGate {
                 Arc::new(ListenerState {
                     address: l.address.0,
                     limits: l.client.clone(),
+                    header: HeaderRules::new(&l.client, l.address.0, metrics),
                     open: AtomicU32::new(0),
                     open_per_ip: Mutex::new(HashMap::new()),
                     metrics: metrics.listener(&l.address.to_string(), l.tls.is_some()),
@@ -287,8 +341,7 @@ impl ClientGate {
         // One per connection, re-armed for each request.
         let state = Arc::new(RequestState {
             header_received: AtomicBool::new(false),
-            max_header_bytes: limits.max_header_bytes,
-            max_headers: limits.max_headers,
+            header: listener.header.clone(),
             keepalive: keepalive.is_some(),
         });
         // The connection's two clocks, each re-armed only when a request needs it (see `rearmed`).
@@ -695,6 +748,7 @@ mod tests {
                 max_connections_per_ip: per_ip,
                 ..ClientLimits::default()
             },
+            header: rules(32 * 1024, 100),
             open: AtomicU32::new(0),
             open_per_ip: Mutex::new(HashMap::new()),
             metrics: Metrics::global().listener(&format!("unit-{address}"), false),
@@ -747,18 +801,44 @@ mod tests {
     }
 
     #[test]
-    fn header_bytes_counts_line_and_fields() {
-        let req = request(1, 3);
+    fn header_size_counts_line_and_fields() {
+        let mut req = request(1, 3);
         // "GET /path HTTP/1.1\r\n" + "x-h0: vvv\r\n" + "\r\n"
-        assert_eq!(header_bytes(&req), 20 + 11 + 2);
+        assert_eq!(measure_header(&req), (20 + 11 + 2, false));
+        req.append_header("X_h", "v").unwrap();
+        assert_eq!(measure_header(&req), (20 + 11 + 8 + 2, true));
+    }
+
+    fn rules(max_bytes: u64, max_fields: u64) -> HeaderRules {
+        let limits = ClientLimits {
+            max_header_bytes: max_bytes,
+            max_headers: max_fields,
+            ..ClientLimits::default()
+        };
+        HeaderRules::new(&limits, "127.0.0.1:1".parse().unwrap(), &Metrics::global())
     }
 
     #[test]
     fn too_many_fields_or_bytes_is_431() {
-        let over_count = check_header_size(&request(5, 1), 10_000, 4).unwrap_err();
+        let over_count = check_header_size(&request(5, 1), &rules(10_000, 4)).unwrap_err();
         assert_eq!(over_count.etype(), &ErrorType::HTTPStatus(431));
-        let over_bytes = check_header_size(&request(2, 600), 1_000, 100).unwrap_err();
+        let over_bytes = check_header_size(&request(2, 600), &rules(1_000, 100)).unwrap_err();
         assert_eq!(over_bytes.etype(), &ErrorType::HTTPStatus(431));
-        assert!(check_header_size(&request(4, 10), 1_000, 4).is_ok());
+        assert!(!check_header_size(&request(4, 10), &rules(1_000, 4)).unwrap());
+    }
+
+    #[test]
+    fn underscored_fields_are_dropped_whatever_their_case_or_count() {
+        let mut req = request(2, 1);
+        req.append_header("X_Forwarded_For", "6.6.6.6").unwrap();
+        req.append_header("x_forwarded_for", "7.7.7.7").unwrap();
+        req.append_header("Under_", "u").unwrap();
+        assert!(check_header_size(&req, &rules(10_000, 100)).unwrap());
+        let dropped = drop_underscored_fields(&mut req);
+        assert_eq!(dropped, ["x_forwarded_for", "under_"]);
+        let mut wire = Vec::new();
+        req.header_to_h1_wire(&mut wire);
+        assert_eq!(wire, b"x-h0: v\r\nx-h1: v\r\n");
+        assert!(!check_header_size(&req, &rules(10_000, 100)).unwrap());
     }
 }

@@ -49,6 +49,7 @@ pub struct Metrics {
     client_connections: IntGaugeVec,
     client_refused: IntCounterVec,
     client_header_timeouts: IntCounterVec,
+    client_underscore_requests: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
     upstream_retries: IntCounterVec,
 }
@@ -165,6 +166,11 @@ impl Metrics {
                 "Connections closed because the request header did not arrive within header_timeout_ms",
                 &["listener"],
             ),
+            client_underscore_requests: counter(
+                "shadowgate_client_underscore_requests_total",
+                "Requests with header fields whose names have an underscore: those fields dropped, or the request answered 400 (rejected), by listeners[].client.headers_with_underscores",
+                &["listener", "action"],
+            ),
             tls_handshake_failures: counter(
                 "shadowgate_tls_handshake_failures_total",
                 "TLS handshakes that failed (failed) or did not finish within the listener's header_timeout_ms (timeout)",
@@ -211,6 +217,18 @@ impl Metrics {
                 .client_refused
                 .with_label_values(&[listener, "max_connections_per_ip"]),
             header_timeouts: self.client_header_timeouts.with_label_values(&[listener]),
+        }
+    }
+
+    /// One listener's counts of requests with underscored header names.
+    pub fn underscore_requests(&self, listener: &str) -> UnderscoreCounters {
+        let action = |action| {
+            self.client_underscore_requests
+                .with_label_values(&[listener, action])
+        };
+        UnderscoreCounters {
+            dropped: action("dropped"),
+            rejected: action("rejected"),
         }
     }
 
@@ -285,6 +303,13 @@ pub struct ListenerMetrics {
     pub refused_per_ip: IntCounter,
     pub header_timeouts: IntCounter,
     pub tls_handshake_failures: Option<TlsHandshakeFailures>,
+}
+
+/// Requests whose underscored header names were dropped, or that were rejected for them.
+#[derive(Clone)]
+pub struct UnderscoreCounters {
+    pub dropped: IntCounter,
+    pub rejected: IntCounter,
 }
 
 /// A TLS listener's failed handshakes, by reason.

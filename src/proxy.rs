@@ -115,7 +115,7 @@ impl ShadowGate {
             no_route_metrics: Arc::new(metrics.route(NO_ROUTE)),
             draining,
             access_log: None,
-            listener_limits: Arc::new(LimitsByListener::new(&config.listeners)),
+            listener_limits: Arc::new(LimitsByListener::new(&config.listeners, metrics)),
         }
     }
 

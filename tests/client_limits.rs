@@ -748,3 +748,74 @@ async fn http1_on_an_h2c_listener_gets_the_same_limits() {
         "only the complete request reached the origin"
     );
 }
+
+/// A request whose field names have underscores, one of them the twin of a field the
+/// proxy sets: CGI-style servers read both as `HTTP_X_FORWARDED_FOR`.
+const UNDERSCORED: &[u8] = b"GET /u HTTP/1.1\r\nHost: test\r\nX_Forwarded_For: 6.6.6.6\r\nX_Custom: 1\r\nX-Kept: k\r\nConnection: close\r\n\r\n";
+
+async fn underscore_count(proxy: &Proxy, action: &str) -> f64 {
+    proxy
+        .metric(
+            "shadowgate_client_underscore_requests_total",
+            &[("listener", &proxy.addr.to_string()), ("action", action)],
+        )
+        .await
+}
+
+/// By default (as NGINX does) the fields go no further; the rest of the request does.
+#[tokio::test]
+async fn underscored_header_fields_are_dropped_by_default() {
+    let (proxy, origin) = proxy_with_client("{}").await;
+    let answer = common::raw_exchange(proxy.addr, UNDERSCORED).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "got {answer:?}");
+    let seen = &origin.wait_for(1, WAIT).await[0];
+    assert_eq!(seen.header("x_forwarded_for"), None, "{seen:?}");
+    assert_eq!(seen.header("x_custom"), None, "{seen:?}");
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-kept"), Some("k"));
+    assert_eq!(underscore_count(&proxy, "dropped").await, 1.0);
+    // A request without such fields is not counted.
+    let answer = common::raw_exchange(
+        proxy.addr,
+        b"GET /v HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "got {answer:?}");
+    assert_eq!(underscore_count(&proxy, "dropped").await, 1.0);
+}
+
+#[tokio::test]
+async fn underscored_header_fields_are_refused_or_passed_as_set() {
+    let (proxy, origin) = proxy_with_client("{ headers_with_underscores: reject }").await;
+    let answer = common::raw_exchange(proxy.addr, UNDERSCORED).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "got {answer:?}");
+    assert_eq!(underscore_count(&proxy, "rejected").await, 1.0);
+    assert_eq!(origin.count(), 0);
+
+    let (proxy, origin) = proxy_with_client("{ headers_with_underscores: allow }").await;
+    let answer = common::raw_exchange(proxy.addr, UNDERSCORED).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "got {answer:?}");
+    let seen = &origin.wait_for(1, WAIT).await[0];
+    assert_eq!(seen.header("x_forwarded_for"), Some("6.6.6.6"));
+    assert_eq!(seen.header("x_custom"), Some("1"));
+    assert_eq!(underscore_count(&proxy, "dropped").await, 0.0);
+}
+
+/// HTTP/2 streams follow their listener's rule too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_underscored_header_fields_are_dropped() {
+    let (proxy, origin) = proxy_with_listener("    h2c: true").await;
+    let (mut client, _connection) = h2c_connect(proxy.addr).await;
+    let request = http::Request::get(format!("http://{}/u", proxy.addr))
+        .header("x_forwarded_for", "6.6.6.6")
+        .header("x-kept", "k")
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    assert_eq!(response.await.expect("response").status(), 200);
+    let seen = &origin.wait_for(1, WAIT).await[0];
+    assert_eq!(seen.header("x_forwarded_for"), None, "{seen:?}");
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-kept"), Some("k"));
+    assert_eq!(underscore_count(&proxy, "dropped").await, 1.0);
+}

@@ -204,6 +204,17 @@ fn cases() -> Vec<Case> {
             &[Values("x-forwarded-for", &["10.0.0.1, 127.0.0.1"])],
         ),
         accepted(
+            "underscored_field_names_dropped",
+            &get("X_Forwarded_For: 6.6.6.6\r\nX_Custom: 1\r\n"),
+            none.clone(),
+            b"",
+            &[
+                Lacks("x_forwarded_for"),
+                Lacks("x_custom"),
+                Values("x-forwarded-for", &["127.0.0.1"]),
+            ],
+        ),
+        accepted(
             "prior_forwarding_lists_on_several_lines_joined",
             &get(
                 "X-Forwarded-For: 10.0.0.1\r\nVia: 1.0 a\r\nX-Forwarded-For: 10.0.0.2\r\nVia: 1.1 b\r\n",

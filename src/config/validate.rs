@@ -8,6 +8,8 @@ use super::Config;
 use super::error::ConfigError;
 use super::runtime_dir::check_private_dir;
 use super::schema::*;
+use super::values::{RequestKey, SampleBy};
+use crate::limits::UnderscoreHeaders;
 
 impl Config {
     pub(super) fn validate(&mut self) -> Result<(), ConfigError> {
@@ -61,7 +63,47 @@ impl Config {
         if let Some(access_log) = &self.access_log {
             access_log.check("access_log")?;
         }
-        self.validate_routes()
+        self.validate_routes()?;
+        self.validate_underscored_keys()
+    }
+
+    /// A key on a header whose name has an underscore finds nothing where a listener
+    /// drops such fields (or refuses their requests): said at load, not found in traffic.
+    fn validate_underscored_keys(&self) -> Result<(), ConfigError> {
+        let Some(i) = self
+            .listeners
+            .iter()
+            .position(|l| l.client.headers_with_underscores != UnderscoreHeaders::Allow)
+        else {
+            return Ok(());
+        };
+        let hash_keys = self
+            .upstreams
+            .iter()
+            .map(|(name, u)| (format!("upstreams.{name}.hash_key"), u.hash_key.as_ref()));
+        let sample_keys = self.routes.iter().enumerate().flat_map(|(r, route)| {
+            route.mirrors.iter().enumerate().map(move |(m, mirror)| {
+                let key = match &mirror.sample_by {
+                    SampleBy::Key(key) => Some(key),
+                    SampleBy::Counter => None,
+                };
+                (format!("routes[{r}].mirrors[{m}].sample_by"), key)
+            })
+        });
+        for (at, key) in hash_keys.chain(sample_keys) {
+            if let Some(RequestKey::Header(name)) = key
+                && name.contains('_')
+            {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "header {name:?} has an underscore, and listeners[{i}] does not pass such fields on; \
+                         set listeners[{i}].client.headers_with_underscores: allow, or key on another header"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_server(&self) -> Result<(), ConfigError> {
@@ -400,5 +442,38 @@ mod tests {
         );
         let err = parse(&text).unwrap_err();
         assert_eq!(err.path, "upstreams.app.servers[1].address");
+    }
+
+    #[test]
+    fn a_key_on_an_underscored_header_needs_listeners_that_pass_it() {
+        let hashed = MINIMAL.replace(
+            "app: { servers",
+            "app: { selection: consistent_hash, hash_key: \"header:X_User\", servers",
+        );
+        let err = parse(&hashed).unwrap_err();
+        assert_eq!(err.path, "upstreams.app.hash_key");
+        assert!(
+            err.message.contains("headers_with_underscores: allow"),
+            "{err}"
+        );
+        let sampled = MINIMAL
+            .replace(
+                "upstreams:\n",
+                "upstreams:\n  shadow: { servers: [{ address: \"127.0.0.1:9001\" }] }\n",
+            )
+            .replace(
+                "upstream: app }",
+                "upstream: app, mirrors: [{ upstream: shadow, percentage: 10, sample_by: \"header:x_user\" }] }",
+            );
+        let err = parse(&sampled).unwrap_err();
+        assert_eq!(err.path, "routes[0].mirrors[0].sample_by", "{err}");
+        let allowed = |text: &str| {
+            text.replace(
+                "address: \"127.0.0.1:8080\" }",
+                "address: \"127.0.0.1:8080\", client: { headers_with_underscores: allow } }",
+            )
+        };
+        assert!(parse(&allowed(&hashed)).is_ok());
+        assert!(parse(&allowed(&sampled)).is_ok());
     }
 }
