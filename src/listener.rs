@@ -1,5 +1,7 @@
 //! The client side of the listeners: a `ServerApp` around Pingora's HTTP proxy that enforces
-//! `listeners[].client` — connection caps, a total header deadline, idle, body and send timeouts.
+//! `listeners[].client` — connection caps, a total header deadline, idle, body and send timeouts,
+//! header size, and the fields a client's header may not carry further (names with an
+//! underscore, the mirror's marker).
 //!
 //! Pingora's own HTTP/1 loop applies its keep-alive timeout to each `read()` of the header, so a
 //! client sending a byte now and then holds a connection for ever. This app runs that loop
@@ -38,6 +40,7 @@ use tokio::time::{Instant, Sleep, sleep};
 use crate::config::ListenerConfig;
 use crate::limits::{ClientLimits, HeaderRules, LimitsByListener, UnderscoreHeaders, listens_on};
 use crate::metrics::{ListenerMetrics, Metrics};
+use crate::mirror::MARKER_HEADER;
 use crate::proxy::ShadowGate;
 
 /// How long a refused connection may take to send its request before it gets its 503,
@@ -93,14 +96,31 @@ fn http2_stream_received(session: &mut Session, listeners: &LimitsByListener) ->
 }
 
 fn check_header(session: &mut Session, rules: &HeaderRules) -> Result<()> {
-    if check_header_size(session.req_header(), rules)? {
+    let found = check_header_size(session.req_header(), rules)?;
+    if found.mirror_marker {
+        // Only shadowgate marks a mirrored request: a client's marker could pass a
+        // real request off as a shadow copy to a primary that skips work for those.
+        session.req_header_mut().remove_header(MARKER_HEADER);
+        debug!("dropped a client's {MARKER_HEADER} field");
+    }
+    if found.underscored {
         apply_underscore_rule(session, rules)?;
     }
     Ok(())
 }
 
-/// 431 for a header over the listener's limits; else whether a field name has an underscore.
-fn check_header_size(req: &RequestHeader, rules: &HeaderRules) -> Result<bool> {
+/// Fields a client sent that the edge does not pass on as they are, found in the
+/// pass that measures the header.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Found {
+    /// A field name has an underscore (`headers_with_underscores`).
+    underscored: bool,
+    /// The mirror's marker field, which only shadowgate may set.
+    mirror_marker: bool,
+}
+
+/// 431 for a header over the listener's limits; else what it holds that the edge acts on.
+fn check_header_size(req: &RequestHeader, rules: &HeaderRules) -> Result<Found> {
     let count = req.headers.len() as u64;
     if count > rules.max_fields {
         return Error::e_explain(
@@ -111,7 +131,7 @@ fn check_header_size(req: &RequestHeader, rules: &HeaderRules) -> Result<bool> {
             ),
         );
     }
-    let (bytes, underscored) = measure_header(req);
+    let (bytes, found) = measure_header(req);
     if bytes > rules.max_bytes {
         return Error::e_explain(
             ErrorType::HTTPStatus(431),
@@ -121,7 +141,7 @@ fn check_header_size(req: &RequestHeader, rules: &HeaderRules) -> Result<bool> {
             ),
         );
     }
-    Ok(underscored)
+    Ok(found)
 }
 
 /// `headers_with_underscores`: drop such fields before anything reads them (routing,
@@ -166,16 +186,17 @@ fn has_underscore(name: &HeaderName) -> bool {
 }
 
 /// Size of the header as sent (request line and fields with their separators), and
-/// whether a field name has an underscore: one pass over the fields for both.
-fn measure_header(req: &RequestHeader) -> (u64, bool) {
+/// the fields the edge acts on: one pass over the fields for both.
+fn measure_header(req: &RequestHeader) -> (u64, Found) {
     let request_line = req.method.as_str().len() + 1 + req.raw_path().len() + 1 + 8 + 2;
     let mut fields = 0;
-    let mut underscored = false;
+    let mut found = Found::default();
     for (name, value) in &req.headers {
         fields += name.as_str().len() + 2 + value.len() + 2;
-        underscored |= has_underscore(name);
+        found.underscored |= has_underscore(name);
+        found.mirror_marker |= name.as_str() == MARKER_HEADER;
     }
-    ((request_line + fields + 2) as u64, underscored)
+    ((request_line + fields + 2) as u64, found)
 }
 
 /// The proxy, fronted by each listener's client limits.
@@ -804,9 +825,14 @@ mod tests {
     fn header_size_counts_line_and_fields() {
         let mut req = request(1, 3);
         // "GET /path HTTP/1.1\r\n" + "x-h0: vvv\r\n" + "\r\n"
-        assert_eq!(measure_header(&req), (20 + 11 + 2, false));
+        assert_eq!(measure_header(&req), (20 + 11 + 2, Found::default()));
         req.append_header("X_h", "v").unwrap();
-        assert_eq!(measure_header(&req), (20 + 11 + 8 + 2, true));
+        req.append_header("X-Shadowgate-Mirror", "1").unwrap();
+        let found = Found {
+            underscored: true,
+            mirror_marker: true,
+        };
+        assert_eq!(measure_header(&req), (20 + 11 + 8 + 24 + 2, found));
     }
 
     fn rules(max_bytes: u64, max_fields: u64) -> HeaderRules {
@@ -824,7 +850,8 @@ mod tests {
         assert_eq!(over_count.etype(), &ErrorType::HTTPStatus(431));
         let over_bytes = check_header_size(&request(2, 600), &rules(1_000, 100)).unwrap_err();
         assert_eq!(over_bytes.etype(), &ErrorType::HTTPStatus(431));
-        assert!(!check_header_size(&request(4, 10), &rules(1_000, 4)).unwrap());
+        let fits = check_header_size(&request(4, 10), &rules(1_000, 4)).unwrap();
+        assert_eq!(fits, Found::default());
     }
 
     #[test]
@@ -833,12 +860,20 @@ mod tests {
         req.append_header("X_Forwarded_For", "6.6.6.6").unwrap();
         req.append_header("x_forwarded_for", "7.7.7.7").unwrap();
         req.append_header("Under_", "u").unwrap();
-        assert!(check_header_size(&req, &rules(10_000, 100)).unwrap());
+        assert!(
+            check_header_size(&req, &rules(10_000, 100))
+                .unwrap()
+                .underscored
+        );
         let dropped = drop_underscored_fields(&mut req);
         assert_eq!(dropped, ["x_forwarded_for", "under_"]);
         let mut wire = Vec::new();
         req.header_to_h1_wire(&mut wire);
         assert_eq!(wire, b"x-h0: v\r\nx-h1: v\r\n");
-        assert!(!check_header_size(&req, &rules(10_000, 100)).unwrap());
+        assert!(
+            !check_header_size(&req, &rules(10_000, 100))
+                .unwrap()
+                .underscored
+        );
     }
 }

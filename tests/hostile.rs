@@ -204,6 +204,13 @@ fn cases() -> Vec<Case> {
             &[Values("x-forwarded-for", &["10.0.0.1, 127.0.0.1"])],
         ),
         accepted(
+            "client_mirror_marker_dropped",
+            &get("X-Shadowgate-Mirror: 1\r\n"),
+            none.clone(),
+            b"",
+            &[Lacks("x-shadowgate-mirror")],
+        ),
+        accepted(
             "underscored_field_names_dropped",
             &get("X_Forwarded_For: 6.6.6.6\r\nX_Custom: 1\r\n"),
             none.clone(),

@@ -1067,9 +1067,22 @@ host: app-v2.internal",
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_marker_header_can_be_turned_off() {
-    let (proxy, _primary, shadow) = mirror_setup("percentage: 100\nmark_header: false").await;
+    let (proxy, primary, shadow) = mirror_setup("percentage: 100\nmark_header: false").await;
     get(&client(), &proxy.url("/")).await;
     let at_shadow = &shadow.wait_for(1, WAIT).await[0];
+    assert_eq!(at_shadow.header("x-shadowgate-mirror"), None);
+    // A client cannot mark a request itself: the marker is shadowgate's alone.
+    let response = client()
+        .get(proxy.url("/forged"))
+        .header("X-Shadowgate-Mirror", "1")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let at_primary = &primary.wait_for(2, WAIT).await[1];
+    let at_shadow = &shadow.wait_for(2, WAIT).await[1];
+    assert_eq!(at_primary.uri, "/forged");
+    assert_eq!(at_primary.header("x-shadowgate-mirror"), None);
     assert_eq!(at_shadow.header("x-shadowgate-mirror"), None);
 }
 
