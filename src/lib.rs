@@ -8,6 +8,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod mirror;
+pub mod path;
 pub mod process;
 pub mod proxy;
 pub mod request;

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::limits::LimitsByListener;
 use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics};
 use crate::mirror::{Mirror, MirrorRuntime, MirrorTee, RequestBody};
+use crate::path::routing_path;
 use crate::request;
 use crate::request_id;
 use crate::routing::{RouteMatch, Router, request_host};
@@ -238,21 +239,22 @@ impl ProxyHttp for ShadowGate {
             .as_http1()
             .map(|h1| h1.get_headers_raw_bytes());
         if let Some(reason) = request::refusal(session.req_header(), raw_header.as_deref()) {
-            // Whatever follows on this connection cannot be trusted either.
-            session.set_keepalive(None);
-            let body = Bytes::from(format!("bad request: {reason}\n"));
-            session.respond_error_with_body(400, body).await?;
-            return Ok(true);
+            return refuse(session, reason).await;
         }
+        // Routed by its resolved path; the path goes upstream as sent.
+        let req = session.req_header();
+        let found = routing_path(req.uri.path()).map(|path| {
+            self.router
+                .find(&request_host(req), &path, &req.method)
+                .cloned()
+        });
         // In the request header itself, so the primary and every shadow get it.
         ctx.request_id = Some(request_id::ensure(session.req_header_mut()));
-        let req = session.req_header();
-        let host = request_host(req);
-        let Some(route) = self
-            .router
-            .find(&host, req.uri.path(), &req.method)
-            .cloned()
-        else {
+        let route = match found {
+            Ok(route) => route,
+            Err(reason) => return refuse(session, reason).await,
+        };
+        let Some(route) = route else {
             session
                 .respond_error_with_body(
                     404,
@@ -475,6 +477,14 @@ impl ProxyHttp for ShadowGate {
             log.log(access_log_entry(session, ctx, status));
         }
     }
+}
+
+/// Answer 400 and close: whatever follows on the connection cannot be trusted either.
+async fn refuse(session: &mut Session, reason: &str) -> Result<bool> {
+    session.set_keepalive(None);
+    let body = Bytes::from(format!("bad request: {reason}\n"));
+    session.respond_error_with_body(400, body).await?;
+    Ok(true)
 }
 
 /// The negotiated TLS version, or None on a cleartext connection.

@@ -1,15 +1,19 @@
 //! The route table: picks the first route whose host, path prefix and method match a request.
 //! Routes are tried in configuration order; a request no route matches gets a 404 from the proxy.
+//! Paths are matched in their resolved form (`path::routing_path`), as NGINX matches locations.
 
 use http::Method;
 
 use crate::config::{HostPattern, MatchConfig};
+#[cfg(test)]
+use crate::path::routing_path;
 
 /// What a route requires of a request. Every part is optional; an empty matcher matches all.
 #[derive(Debug, Clone, Default)]
 pub struct RouteMatch {
     host: Option<HostPattern>,
-    path_prefix: Option<String>,
+    /// In resolved form, like the paths it is matched against.
+    path_prefix: Option<Vec<u8>>,
     methods: Option<Vec<Method>>,
 }
 
@@ -17,7 +21,7 @@ impl RouteMatch {
     pub fn from_config(config: &MatchConfig) -> Self {
         RouteMatch {
             host: config.host.clone(),
-            path_prefix: config.path_prefix.as_ref().map(|p| p.as_str().to_string()),
+            path_prefix: config.path_prefix.as_ref().map(|p| p.resolved().to_vec()),
             methods: config
                 .methods
                 .as_ref()
@@ -25,8 +29,9 @@ impl RouteMatch {
         }
     }
 
-    /// `host` is the request's host name, lower case, without a port.
-    pub fn matches(&self, host: &str, path: &str, method: &Method) -> bool {
+    /// `host` is the request's host name, lower case, without a port; `path` is resolved
+    /// (`path::routing_path`).
+    pub fn matches(&self, host: &str, path: &[u8], method: &Method) -> bool {
         let host_ok = match &self.host {
             None => true,
             Some(HostPattern::Exact(name)) => host == name,
@@ -56,7 +61,7 @@ impl<T> Router<T> {
     }
 
     /// The first route that matches, in configuration order.
-    pub fn find(&self, host: &str, path: &str, method: &Method) -> Option<&T> {
+    pub fn find(&self, host: &str, path: &[u8], method: &Method) -> Option<&T> {
         self.routes
             .iter()
             .find(|(m, _)| m.matches(host, path, method))
@@ -102,24 +107,24 @@ mod tests {
 
     #[test]
     fn empty_match_matches_everything() {
-        assert!(matcher("{}").matches("any", "/x", &Method::DELETE));
+        assert!(matcher("{}").matches("any", b"/x", &Method::DELETE));
     }
 
     #[test]
     fn wildcard_host_matches_subdomains_only() {
         let m = matcher("{ host: \"*.example.com\" }");
-        assert!(m.matches("api.example.com", "/", &Method::GET));
-        assert!(m.matches("a.b.example.com", "/", &Method::GET));
-        assert!(!m.matches("example.com", "/", &Method::GET));
-        assert!(!m.matches("badexample.com", "/", &Method::GET));
+        assert!(m.matches("api.example.com", b"/", &Method::GET));
+        assert!(m.matches("a.b.example.com", b"/", &Method::GET));
+        assert!(!m.matches("example.com", b"/", &Method::GET));
+        assert!(!m.matches("badexample.com", b"/", &Method::GET));
     }
 
     #[test]
     fn prefix_and_methods_both_apply() {
         let m = matcher("{ path_prefix: /api, methods: [GET, POST] }");
-        assert!(m.matches("h", "/api/users", &Method::POST));
-        assert!(!m.matches("h", "/web", &Method::GET));
-        assert!(!m.matches("h", "/api", &Method::DELETE));
+        assert!(m.matches("h", b"/api/users", &Method::POST));
+        assert!(!m.matches("h", b"/web", &Method::GET));
+        assert!(!m.matches("h", b"/api", &Method::DELETE));
     }
 
     #[test]
@@ -128,8 +133,18 @@ mod tests {
             (matcher("{ path_prefix: /api }"), "api"),
             (matcher("{}"), "default"),
         ]);
-        assert_eq!(router.find("h", "/api/x", &Method::GET), Some(&"api"));
-        assert_eq!(router.find("h", "/other", &Method::GET), Some(&"default"));
+        assert_eq!(router.find("h", b"/api/x", &Method::GET), Some(&"api"));
+        assert_eq!(router.find("h", b"/other", &Method::GET), Some(&"default"));
+    }
+
+    #[test]
+    fn prefixes_match_resolved_paths() {
+        let api = matcher("{ path_prefix: /api }");
+        let matches = |path| api.matches("h", &routing_path(path).unwrap(), &Method::GET);
+        assert!(matches("/api/x"));
+        assert!(matches("/%61pi/x"));
+        assert!(!matches("/api/../admin"));
+        assert!(matches("//admin/../api/x"));
     }
 
     #[test]

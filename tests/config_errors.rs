@@ -675,6 +675,15 @@ fn path_prefix_must_start_with_a_slash() {
         error.starts_with("routes[0].match.path_prefix: ") && error.contains("percent-encode"),
         "{error}"
     );
+    let error = expect_refused_by_check_and_start(&with(
+        "match: { path_prefix: /api }",
+        "match: { path_prefix: /api/../web }",
+    ));
+    assert!(
+        error.starts_with("routes[0].match.path_prefix: ")
+            && error.contains(r#"write the prefix resolved, like "/web""#),
+        "{error}"
+    );
 }
 
 /// The valid base config, started for real through the same harness: proves a start that

@@ -62,6 +62,50 @@ routes:
     wait_responses(&proxy, "no_route", 404, 1.0).await;
 }
 
+/// Routes match the path as an upstream resolves it (escapes decoded, `//`, `.` and `..`
+/// resolved), as NGINX matches locations, so `/public/../admin` cannot reach the
+/// `/public` route's pool as `/admin`; the path goes upstream as the client sent it.
+#[tokio::test]
+async fn routes_match_the_resolved_path_and_forward_it_as_sent() {
+    let public = Origin::start(OriginOptions::named("public")).await;
+    let proxy = Proxy::start(&format!(
+        "upstreams:\n{}routes:\n  - {{ name: public, match: {{ path_prefix: /public/ }}, upstream: pub }}\n",
+        pool("pub", &[public.addr], ""),
+    ))
+    .await;
+    let status_of = async |path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(proxy.addr, request.as_bytes()).await;
+        answer
+            .get(9..12)
+            .and_then(|code| code.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("{path}: no status in {answer:?}"))
+    };
+    for path in ["/public/../admin", "/public/%2e%2E/admin", "/publi%63"] {
+        assert_eq!(status_of(path).await, 404, "{path}");
+    }
+    for path in [
+        "/../public/x",
+        "/public/%zz",
+        "/public/a%00",
+        "/public/../../x",
+    ] {
+        assert_eq!(status_of(path).await, 400, "{path}");
+    }
+    assert_eq!(public.count(), 0);
+    let sent = ["/%70ublic/x", "//public//x?q=/../", "/admin/../public/./x"];
+    for path in sent {
+        assert_eq!(status_of(path).await, 200, "{path}");
+    }
+    let seen: Vec<String> = public
+        .wait_for(3, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.uri)
+        .collect();
+    assert_eq!(seen, sent);
+}
+
 /// `upstream_host` replaces the client's Host on the way to the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_host_rewrites_the_host_sent_to_the_primary() {

@@ -380,22 +380,49 @@ impl<'de> Deserialize<'de> for HealthCheckPath {
 }
 
 /// A route's path prefix: starts with '/', and holds only characters a request path can carry
-/// unencoded, so the prefix can actually match.
+/// unencoded, so the prefix can actually match; kept with its resolved form, which is what
+/// request paths, resolved the same way, are matched against (`path::routing_path`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathPrefix(String);
+pub struct PathPrefix {
+    text: String,
+    resolved: Vec<u8>,
+}
 
 impl PathPrefix {
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    /// Percent-escapes decoded.
+    pub fn resolved(&self) -> &[u8] {
+        &self.resolved
+    }
+
+    fn parse(text: String) -> Result<PathPrefix, String> {
+        check_path_text(&text, "?#")?;
+        let resolved = crate::path::routing_path(&text)
+            .map_err(|why| format!("{text:?}: {why}"))?
+            .into_owned();
+        // Dot segments and doubled slashes would be resolved away in every request path:
+        // a prefix with them would match other paths than it reads.
+        let segments = text[1..].split('/');
+        let last = text[1..].split('/').count() - 1;
+        if segments
+            .enumerate()
+            .any(|(i, s)| matches!(s, "." | "..") || (s.is_empty() && i != last))
+        {
+            return Err(format!(
+                "{text:?} has '//', '.' or '..'; requests are routed by their resolved path, so write the prefix resolved, like {:?}",
+                String::from_utf8_lossy(&resolved)
+            ));
+        }
+        Ok(PathPrefix { text, resolved })
     }
 }
 
 impl<'de> Deserialize<'de> for PathPrefix {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        check_path_text(&text, "?#")
-            .map(|()| PathPrefix(text))
-            .map_err(serde::de::Error::custom)
+        PathPrefix::parse(String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -509,11 +536,16 @@ mod tests {
                 .as_str(),
             "/api/"
         );
-        for bad in ["api", "\"/a b\"", "\"/a?b\""] {
+        for bad in [
+            "api", "\"/a b\"", "\"/a?b\"", "/a//b", "/a/./b", "/a/../b", "/..", "/%zz",
+        ] {
             assert!(
                 serde_yaml::from_str::<PathPrefix>(bad).is_err(),
                 "{bad:?} accepted"
             );
         }
+        let escaped: PathPrefix = serde_yaml::from_str("/caf%C3%A9/").unwrap();
+        assert_eq!(escaped.as_str(), "/caf%C3%A9/");
+        assert_eq!(escaped.resolved(), "/café/".as_bytes());
     }
 }
