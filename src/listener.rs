@@ -63,7 +63,8 @@ struct RequestState {
 /// Called from `early_request_filter`, which Pingora runs right after the header was read:
 /// stops the header clock, applies the listener's keep-alive switch (Pingora has just set
 /// keep-alive from the request's own `Connection` header), answers 431 to a header over
-/// the listener's limits and applies its rule for field names with an underscore.
+/// the listener's limits, applies its rule for field names with an underscore and drops a
+/// client's own mirror marker.
 pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> Result<()> {
     let checked = CURRENT_REQUEST.try_with(|state| {
         state.header_received.store(true, Ordering::Relaxed);

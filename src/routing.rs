@@ -5,8 +5,6 @@
 use http::Method;
 
 use crate::config::{HostPattern, MatchConfig};
-#[cfg(test)]
-use crate::path::routing_path;
 
 /// What a route requires of a request. Every part is optional; an empty matcher matches all.
 #[derive(Debug, Clone, Default)]
@@ -100,6 +98,7 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::path::routing_path;
 
     fn matcher(yaml: &str) -> RouteMatch {
         RouteMatch::from_config(&serde_yaml::from_str(yaml).expect("valid match"))
