@@ -87,6 +87,8 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 /// Pingora accepts these; each is ambiguous in a way an upstream could read
 /// differently from us (request smuggling, routing confusion):
 /// - HTTP/1.1 without `Host`, or with more than one (RFC 9112 §3.2);
+/// - a `Host` that is no host name: with `/`, `\\`, whitespace or `..` (NGINX refuses
+///   these too; an upstream building URLs or cache keys from it could be led astray);
 /// - `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.1 allows
 ///   acting on Transfer-Encoding; like NGINX we refuse). Pingora drops the
 ///   Content-Length before we see the header, so `raw_header` (the header bytes
@@ -100,6 +102,13 @@ pub fn refusal(req: &RequestHeader, raw_header: Option<&[u8]>) -> Option<&'stati
             _ => {}
         }
     }
+    if req
+        .headers
+        .get(header::HOST)
+        .is_some_and(|host| !is_host_name(host.as_bytes()))
+    {
+        return Some("Host is not a host name");
+    }
     if !is_valid_target(req) {
         return Some("request target is not in origin, absolute or asterisk form");
     }
@@ -109,6 +118,16 @@ pub fn refusal(req: &RequestHeader, raw_header: Option<&[u8]>) -> Option<&'stati
         return Some("both Content-Length and Transfer-Encoding");
     }
     None
+}
+
+/// A `Host` value that names a host (and port), as NGINX checks it: no path or
+/// backslash, no whitespace, no empty label between dots. Empty is allowed (RFC 9112
+/// §3.2: a target without an authority).
+fn is_host_name(host: &[u8]) -> bool {
+    !host
+        .iter()
+        .any(|b| matches!(b, b'/' | b'\\' | b' ' | b'\t'))
+        && !host.windows(2).any(|pair| pair == b"..")
 }
 
 /// Whether the target has one of the forms RFC 9112 §3.2 allows for a
@@ -307,6 +326,23 @@ mod tests {
         assert!(refusal(&req, Some(raw)).is_some());
         let raw = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(refusal(&req, Some(raw)), None);
+        for bad in ["a/b", "a\\b", "a..b", "..", "a b", "a/"] {
+            let req = request(&[("host", bad)]);
+            assert_eq!(
+                refusal(&req, None),
+                Some("Host is not a host name"),
+                "{bad}"
+            );
+        }
+        for good in [
+            "",
+            "a",
+            "api.example.com.",
+            "[::1]:8080",
+            "a-b_c.example:80",
+        ] {
+            assert_eq!(refusal(&request(&[("host", good)]), None), None, "{good}");
+        }
         let odd = RequestHeader::build("GET", b"%20/g", None).unwrap();
         assert!(refusal(&odd, None).is_some());
         let star = RequestHeader::build("OPTIONS", b"*", None).unwrap();

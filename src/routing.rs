@@ -84,15 +84,18 @@ pub fn request_host(header: &pingora_http::RequestHeader) -> std::borrow::Cow<'_
     }
 }
 
+/// The host name without its port, and without the trailing dot of a fully
+/// qualified name (`example.com.` is `example.com`, as NGINX matches server names).
 fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // IPv6 literal: [::1]:8080
         return rest.split(']').next().unwrap_or(rest);
     }
-    match host.rsplit_once(':') {
+    let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
-    }
+    };
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 #[cfg(test)]
@@ -163,5 +166,7 @@ mod tests {
         assert_eq!(strip_port("Example.com:8080"), "Example.com");
         assert_eq!(strip_port("[::1]:8080"), "::1");
         assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("Example.com.:8080"), "Example.com");
+        assert_eq!(strip_port("example.com."), "example.com");
     }
 }

@@ -246,6 +246,18 @@ fn cases() -> Vec<Case> {
             "two_identical_host_lines",
             &format!("GET /g HTTP/1.1\r\nHost: a\r\nHost: a\r\n{ID}\r\n"),
         ),
+        refused(
+            "host_with_a_path",
+            &format!("GET /g HTTP/1.1\r\nHost: a.example/admin\r\n{ID}\r\n"),
+        ),
+        refused(
+            "host_with_a_backslash",
+            &format!("GET /g HTTP/1.1\r\nHost: a.example\\b\r\n{ID}\r\n"),
+        ),
+        refused(
+            "host_with_an_empty_label",
+            &format!("GET /g HTTP/1.1\r\nHost: a..example\r\n{ID}\r\n"),
+        ),
         accepted(
             "http10_without_host",
             &format!("GET /g HTTP/1.0\r\n{ID}\r\n"),
