@@ -87,7 +87,7 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 /// Pingora accepts these; each is ambiguous in a way an upstream could read
 /// differently from us (request smuggling, routing confusion):
 /// - HTTP/1.1 without `Host`, or with more than one (RFC 9112 §3.2);
-/// - a `Host` that is no host name: with `/`, `\\`, whitespace or `..` (NGINX refuses
+/// - a `Host` that is no host name: with `/`, `\`, whitespace or `..` (NGINX refuses
 ///   these too; an upstream building URLs or cache keys from it could be led astray);
 /// - `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.1 allows
 ///   acting on Transfer-Encoding; like NGINX we refuse). Pingora drops the

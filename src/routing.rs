@@ -76,7 +76,7 @@ pub fn request_host(header: &pingora_http::RequestHeader) -> std::borrow::Cow<'_
         .and_then(|v| v.to_str().ok())
         .or_else(|| header.uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
-    let host = strip_port(raw);
+    let host = bare_host_name(raw);
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(host.to_ascii_lowercase())
     } else {
@@ -86,7 +86,7 @@ pub fn request_host(header: &pingora_http::RequestHeader) -> std::borrow::Cow<'_
 
 /// The host name without its port, and without the trailing dot of a fully
 /// qualified name (`example.com.` is `example.com`, as NGINX matches server names).
-fn strip_port(host: &str) -> &str {
+fn bare_host_name(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // IPv6 literal: [::1]:8080
         return rest.split(']').next().unwrap_or(rest);
@@ -162,11 +162,11 @@ mod tests {
     }
 
     #[test]
-    fn host_port_is_stripped() {
-        assert_eq!(strip_port("Example.com:8080"), "Example.com");
-        assert_eq!(strip_port("[::1]:8080"), "::1");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("Example.com.:8080"), "Example.com");
-        assert_eq!(strip_port("example.com."), "example.com");
+    fn host_port_and_trailing_dot_are_stripped() {
+        assert_eq!(bare_host_name("Example.com:8080"), "Example.com");
+        assert_eq!(bare_host_name("[::1]:8080"), "::1");
+        assert_eq!(bare_host_name("example.com"), "example.com");
+        assert_eq!(bare_host_name("Example.com.:8080"), "Example.com");
+        assert_eq!(bare_host_name("example.com."), "example.com");
     }
 }
