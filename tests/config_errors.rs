@@ -747,3 +747,20 @@ fn client_limits_are_checked_field_by_field() {
         "{error}"
     );
 }
+
+/// A key on an underscored header could never match where listeners drop such fields:
+/// refused by `-t` and at start alike, naming the key and the setting that would allow it.
+#[test]
+fn a_key_on_an_underscored_header_is_refused_unless_listeners_allow_it() {
+    let keyed = with(
+        "{ upstream: app-v2, percentage: 25 }",
+        "{ upstream: app-v2, percentage: 25, sample_by: \"header:X_User\" }",
+    );
+    let error = expect_refused_by_check_and_start(&keyed);
+    assert!(
+        error.starts_with("routes[0].mirrors[0].sample_by: ")
+            && error.contains("listeners[0].client.headers_with_underscores: allow"),
+        "{error}"
+    );
+    assert!(!error.contains('\n'), "{error}");
+}
