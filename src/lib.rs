@@ -119,15 +119,9 @@ fn add_proxy_services(
         let mut http_proxy = pingora_proxy::http_proxy(&server.configuration, proxy.clone());
         let mut options = pingora_core::apps::HttpServerOptions::default();
         options.h2c = h2c;
-        // Pingora keeps an idle HTTP/2 connection for ever unless told otherwise. The
-        // option is per service, so the listeners' longest applies.
-        options.h2_idle_timeout = listeners.iter().map(|l| l.client.h2_idle_timeout()).max();
-        // An HTTP/2 connection gets GOAWAY after `keepalive_requests` streams, as NGINX
-        // does; per service too. (HTTP/1 connections count theirs in `ClientGate`.)
-        options.keepalive_request_limit =
-            listeners.iter().map(|l| l.client.keepalive_requests).max();
         http_proxy.server_options = Some(options);
-        // Every connection passes the listener's client limits first.
+        // Every connection passes the listener's client limits first; they also set its
+        // HTTP/2 idle timeout and request count.
         let gate = listener::ClientGate::new(Arc::new(http_proxy), &listeners, metrics);
         let tls_admission = gate.tls_admission();
         let mut service = Service::new(name.to_string(), gate);

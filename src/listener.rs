@@ -23,9 +23,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use http::HeaderName;
 use log::debug;
-use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::apps::{
+    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp,
+};
 use pingora_core::listeners::PreTlsProcess;
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::http::v2::server::H2Options;
 use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{ALPN, GetSocketDigest, Shutdown, SocketDigest, Stream};
@@ -214,6 +217,46 @@ struct ListenerState {
     open: AtomicU32,
     open_per_ip: Mutex<HashMap<IpAddr, u32>>,
     metrics: ListenerMetrics,
+    /// Its HTTP/2 connections' idle timeout and request count (see `ListenerHttp2`).
+    http2_options: HttpServerOptions,
+}
+
+/// The proxy as one listener's HTTP/2 connections see it. Pingora's HTTP/2 accept
+/// loop reads the idle timeout and the request count from the app's server options,
+/// which are one per service; through this each listener has its own, and the
+/// requests still go to the one proxy (its upstream pools, its filters).
+struct ListenerHttp2 {
+    proxy: Arc<HttpProxy<ShadowGate>>,
+    listener: Arc<ListenerState>,
+}
+
+/// The service's server options with the listener's HTTP/2 limits.
+fn http2_options(service: Option<&HttpServerOptions>, limits: &ClientLimits) -> HttpServerOptions {
+    let mut options = service.cloned().unwrap_or_default();
+    // Pingora keeps an idle HTTP/2 connection for ever unless told otherwise.
+    options.h2_idle_timeout = Some(limits.h2_idle_timeout());
+    // GOAWAY after `keepalive_requests` streams, as NGINX does.
+    options.keepalive_request_limit = Some(limits.keepalive_requests);
+    options
+}
+
+#[async_trait]
+impl HttpServerApp for ListenerHttp2 {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.proxy.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.proxy.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.listener.http2_options)
+    }
 }
 
 /// Why a connection was turned away.
@@ -321,6 +364,7 @@ impl ClientGate {
                     open: AtomicU32::new(0),
                     open_per_ip: Mutex::new(HashMap::new()),
                     metrics: metrics.listener(&l.address.to_string(), l.tls.is_some()),
+                    http2_options: http2_options(proxy.server_options(), &l.client),
                 })
             })
             .collect();
@@ -332,6 +376,20 @@ impl ClientGate {
         Arc::new(TlsAdmission {
             listeners: self.listeners.clone(),
         })
+    }
+
+    /// An HTTP/2 connection, served by Pingora with the listener's limits.
+    async fn serve_http2(
+        &self,
+        listener: &Arc<ListenerState>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let app = Arc::new(ListenerHttp2 {
+            proxy: self.proxy.clone(),
+            listener: listener.clone(),
+        });
+        app.process_new(stream, shutdown).await
     }
 
     /// The HTTP/1 keep-alive loop of one connection, with the listener's limits.
@@ -624,19 +682,19 @@ impl ServerApp for ClientGate {
                 }
             }
         };
-        // HTTP/2 is served by Pingora: the idle timeout is in the service's
-        // options, each stream gets its limits in `http2_stream_received`, and
-        // the connection caps apply here. HTTP/1, over TLS or cleartext, with or
-        // without h2c on the port, gets the loop below.
+        // HTTP/2 is served by Pingora with the listener's idle timeout and request
+        // count (`ListenerHttp2`), each stream gets its limits in
+        // `http2_stream_received`, and the connection caps apply here. HTTP/1, over
+        // TLS or cleartext, with or without h2c on the port, gets the loop below.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.proxy.process_new(stream, shutdown).await;
+            return self.serve_http2(listener, stream, shutdown).await;
         }
         let h2c = self.proxy.server_options().is_some_and(|o| o.h2c);
         if h2c && stream.get_ssl_digest().is_none() {
             let limit = listener.limits.header_timeout();
             match tokio::time::timeout(limit, opens_with_h2_preface(&mut stream)).await {
                 // Pingora peeks again and finds the preface in the rewound bytes.
-                Ok(Ok(true)) => return self.proxy.process_new(stream, shutdown).await,
+                Ok(Ok(true)) => return self.serve_http2(listener, stream, shutdown).await,
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {
                     debug!("connection closed before its first request: {e}");
@@ -774,7 +832,23 @@ mod tests {
             open: AtomicU32::new(0),
             open_per_ip: Mutex::new(HashMap::new()),
             metrics: Metrics::global().listener(&format!("unit-{address}"), false),
+            http2_options: HttpServerOptions::default(),
         })
+    }
+
+    #[test]
+    fn http2_options_are_the_services_with_the_listeners_limits() {
+        let mut service = HttpServerOptions::default();
+        service.h2c = true;
+        let limits = ClientLimits {
+            keepalive_timeout_ms: 1500,
+            keepalive_requests: 7,
+            ..ClientLimits::default()
+        };
+        let options = http2_options(Some(&service), &limits);
+        assert!(options.h2c);
+        assert_eq!(options.h2_idle_timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(options.keepalive_request_limit, Some(7));
     }
 
     #[test]

@@ -655,6 +655,65 @@ async fn idle_http2_connections_are_closed_at_the_keepalive_timeout() {
     );
 }
 
+/// One h2c GET on `client`; its status.
+async fn h2_get(client: &mut h2::client::SendRequest<Bytes>, to: SocketAddr) -> u16 {
+    let ready = client.clone().ready().await.expect("ready");
+    *client = ready;
+    let request = http::Request::get(format!("http://{to}/api/h2"))
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    response.await.expect("response").status().as_u16()
+}
+
+#[tokio::test]
+async fn http2_idle_timeout_and_request_count_are_each_listeners_own() {
+    let primary = Origin::start(OriginOptions::named("primary")).await;
+    let relaxed = free_port();
+    // Two h2c listeners, so one Pingora service: the strict one first.
+    let proxy = Proxy::start_with_listener(
+        &format!(
+            "    h2c: true\n    client: {{ keepalive_timeout_ms: 400, keepalive_requests: 2 }}\n  - address: \"{relaxed}\"\n    h2c: true\n    client: {{ keepalive_timeout_ms: 60000, keepalive_requests: 5 }}"
+        ),
+        &sections(primary.addr, primary.addr, ""),
+    )
+    .await;
+    wait_port(relaxed).await;
+    let (mut at_ease, at_ease_connection) = h2c_connect(relaxed).await;
+    assert_eq!(h2_get(&mut at_ease, relaxed).await, 200);
+    let at_ease_idle_since = tokio::time::Instant::now();
+
+    // The strict listener: GOAWAY after its 2 streams, not the other's 5.
+    let (mut client, connection) = h2c_connect(proxy.addr).await;
+    for _ in 0..2 {
+        assert_eq!(h2_get(&mut client, proxy.addr).await, 200);
+    }
+    let _ended = tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("the connection was not ended after its listener's 2 requests");
+    assert!(client.ready().await.is_err(), "a 3rd stream was accepted");
+
+    // Idle for its 400 ms, not the other's minute.
+    let (mut client, connection) = h2c_connect(proxy.addr).await;
+    assert_eq!(h2_get(&mut client, proxy.addr).await, 200);
+    let answered = std::time::Instant::now();
+    let _ended = tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("the idle connection was not closed at its listener's timeout");
+    assert!(answered.elapsed() >= Duration::from_millis(300));
+
+    // The relaxed listener's connection, idle well past the strict timeout, still
+    // serves its 2nd to 5th.
+    tokio::time::sleep_until(at_ease_idle_since + Duration::from_millis(1000)).await;
+    for _ in 2..=5 {
+        assert_eq!(h2_get(&mut at_ease, relaxed).await, 200);
+    }
+    let _ended = tokio::time::timeout(WAIT, at_ease_connection)
+        .await
+        .expect("the relaxed connection was not ended after its 5 requests");
+    assert_eq!(primary.count(), 1 + 2 + 1 + 4);
+}
+
 // ---------------------------------------------------------------- HTTP/2 mirroring
 
 const MIRROR_POSTS: &str =
