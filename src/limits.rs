@@ -43,6 +43,8 @@ pub struct ClientLimits {
     pub read_buffer_bytes: u64,
     /// Request header fields whose names have an underscore.
     pub headers_with_underscores: UnderscoreHeaders,
+    /// Size of a request body; over it, 413. 0: no limit.
+    pub max_body_bytes: u64,
 }
 
 /// What a listener does with request header fields whose names have an underscore.
@@ -77,6 +79,8 @@ impl Default for ClientLimits {
             max_headers: 100,
             read_buffer_bytes: 4 * 1024,
             headers_with_underscores: UnderscoreHeaders::Drop,
+            // Bodies stream through, never held here: the upstream sets its own limit.
+            max_body_bytes: 0,
         }
     }
 }
@@ -186,6 +190,9 @@ pub struct HeaderRules {
     pub max_fields: u64,
     pub underscores: UnderscoreHeaders,
     pub underscore_counts: UnderscoreCounters,
+    /// `max_body_bytes`: checked against `Content-Length` with the header, counted as
+    /// a body of unknown length streams. `None`: no limit.
+    pub max_body_bytes: Option<u64>,
 }
 
 impl HeaderRules {
@@ -196,6 +203,7 @@ impl HeaderRules {
             max_fields: limits.max_headers,
             underscores: limits.headers_with_underscores,
             underscore_counts: metrics.underscore_requests(&address.to_string()),
+            max_body_bytes: (limits.max_body_bytes > 0).then_some(limits.max_body_bytes),
         }
     }
 }
@@ -279,6 +287,7 @@ mod tests {
             serde_yaml::from_str("headers_with_underscores: reject").unwrap();
         assert_eq!(limits.headers_with_underscores, UnderscoreHeaders::Reject);
         assert!(serde_yaml::from_str::<ClientLimits>("headers_with_underscores: keep").is_err());
+        assert_eq!(limits.max_body_bytes, 0);
     }
 
     #[test]

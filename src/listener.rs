@@ -66,9 +66,10 @@ struct RequestState {
 /// Called from `early_request_filter`, which Pingora runs right after the header was read:
 /// stops the header clock, applies the listener's keep-alive switch (Pingora has just set
 /// keep-alive from the request's own `Connection` header), answers 431 to a header over
-/// the listener's limits, applies its rule for field names with an underscore and drops a
-/// client's own mirror marker.
-pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> Result<()> {
+/// the listener's limits and 413 to a `Content-Length` over its body limit, applies its
+/// rule for field names with an underscore and drops a client's own mirror marker.
+/// Returns the body limit to count a body of unknown length against as it streams.
+pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> Result<Option<u64>> {
     let checked = CURRENT_REQUEST.try_with(|state| {
         state.header_received.store(true, Ordering::Relaxed);
         if !state.keepalive {
@@ -83,7 +84,10 @@ pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> R
 /// The same for an HTTP/2 stream, which Pingora runs in a task of its own, outside
 /// `ClientGate`'s loop: its listener, found by the connection's local address, gives it the
 /// send and body timeouts and the header rules an HTTP/1 request has.
-fn http2_stream_received(session: &mut Session, listeners: &LimitsByListener) -> Result<()> {
+fn http2_stream_received(
+    session: &mut Session,
+    listeners: &LimitsByListener,
+) -> Result<Option<u64>> {
     let local = session
         .digest()
         .and_then(|d| d.socket_digest.as_ref())
@@ -91,7 +95,7 @@ fn http2_stream_received(session: &mut Session, listeners: &LimitsByListener) ->
         .and_then(|a| a.as_inet())
         .copied();
     let Some(listener) = listeners.of(local) else {
-        return Ok(());
+        return Ok(None);
     };
     let downstream = session.as_downstream_mut();
     downstream.set_write_timeout(Some(listener.client.send_timeout()));
@@ -99,7 +103,7 @@ fn http2_stream_received(session: &mut Session, listeners: &LimitsByListener) ->
     check_header(session, &listener.header)
 }
 
-fn check_header(session: &mut Session, rules: &HeaderRules) -> Result<()> {
+fn check_header(session: &mut Session, rules: &HeaderRules) -> Result<Option<u64>> {
     let found = check_header_size(session.req_header(), rules)?;
     if found.mirror_marker {
         // Only shadowgate marks a mirrored request: a client's marker could pass a
@@ -110,7 +114,41 @@ fn check_header(session: &mut Session, rules: &HeaderRules) -> Result<()> {
     if found.underscored {
         apply_underscore_rule(session, rules)?;
     }
-    Ok(())
+    match rules.max_body_bytes {
+        Some(max) => check_body_length(session, max),
+        None => Ok(None),
+    }
+}
+
+/// `max_body_bytes` against the declared `Content-Length`: 413 and close when over it (the
+/// body is not read: nothing of it goes anywhere). Without a length (chunked, or HTTP/2
+/// without one) the body is counted as it streams: the limit is returned for that.
+fn check_body_length(session: &mut Session, max: u64) -> Result<Option<u64>> {
+    // Pingora has checked the field (one value, or equal ones) on HTTP/1; `h2` checks
+    // an HTTP/2 stream's DATA against it.
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > max => {
+            session.set_keepalive(None);
+            body_too_large(max)
+        }
+        Some(_) => Ok(None),
+        None => Ok(Some(max)),
+    }
+}
+
+/// The 413 for a request body over the listener's `max_body_bytes`.
+pub fn body_too_large<T>(max: u64) -> Result<T> {
+    Error::e_explain(
+        ErrorType::HTTPStatus(413),
+        format!("request body over the listener's max_body_bytes ({max})"),
+    )
 }
 
 /// Fields a client sent that the edge does not pass on as they are, found in the

@@ -65,6 +65,10 @@ pub struct RequestCtx {
     tee: MirrorTee,
     /// The request's `X-Request-Id`, kept or made in `request_filter`.
     request_id: Option<HeaderValue>,
+    /// The listener's `max_body_bytes` for a body of unknown length, and how much of
+    /// it this attempt has passed on.
+    body_limit: Option<u64>,
+    body_bytes: u64,
 }
 
 impl ShadowGate {
@@ -214,6 +218,8 @@ impl ProxyHttp for ShadowGate {
             retried_idempotent: false,
             tee: MirrorTee::default(),
             request_id: None,
+            body_limit: None,
+            body_bytes: 0,
         }
     }
 
@@ -222,13 +228,14 @@ impl ProxyHttp for ShadowGate {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         // Answer pipelined requests in order instead of dropping them; Pingora
         // serves them one after another, each with its own body framing, so
         // each is mirrored (or not) on its own.
         session.set_pipelining_enabled(true);
-        crate::listener::header_received(session, &self.listener_limits)
+        ctx.body_limit = crate::listener::header_received(session, &self.listener_limits)?;
+        Ok(())
     }
 
     /// Refuse ambiguous requests, match the route, decide which mirrors sample it.
@@ -300,6 +307,7 @@ impl ProxyHttp for ShadowGate {
         ctx.tried.push(addr);
         // Each attempt replays the body through request_body_filter from the start.
         ctx.tee.new_attempt();
+        ctx.body_bytes = 0;
         Ok(Box::new(pool.peer(addr)))
     }
 
@@ -379,14 +387,24 @@ impl ProxyHttp for ShadowGate {
         Ok(())
     }
 
-    /// Per body chunk, after the header went upstream: tee it to the shadows.
+    /// Per body chunk, after the header went upstream: hold a body of unknown length to the
+    /// listener's limit, then tee it to the shadows.
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(max) = ctx.body_limit {
+            ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+            if ctx.body_bytes > max {
+                // This piece goes nowhere: the upstream and the shadows see the body
+                // break off, the client gets 413 and the connection closes.
+                session.set_keepalive(None);
+                return crate::listener::body_too_large(max);
+            }
+        }
         if ctx.tee.is_active() {
             ctx.tee.tee(body.as_ref(), end_of_stream);
         }
@@ -449,9 +467,10 @@ impl ProxyHttp for ShadowGate {
     }
 
     /// A client that hangs up mid-request is routine at the edge: it is counted
-    /// (status 499) rather than logged as an error; so is a header over the listener's limits.
+    /// (status 499) rather than logged as an error; so is a header or body over the
+    /// listener's limits.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        client_went_away(e) || matches!(e.etype(), ErrorType::HTTPStatus(431))
+        client_went_away(e) || matches!(e.etype(), ErrorType::HTTPStatus(413 | 431))
     }
 
     /// Always last: close out the shadows, hand the capture to comparisons, record metrics and the access log.

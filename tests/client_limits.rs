@@ -819,3 +819,92 @@ async fn http2_underscored_header_fields_are_dropped() {
     assert_eq!(seen.header("x-kept"), Some("k"));
     assert_eq!(underscore_count(&proxy, "dropped").await, 1.0);
 }
+
+/// One raw request on a new connection: the response head, and the connection.
+async fn answer_to(proxy: &Proxy, request: &[u8]) -> (String, TcpStream) {
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(request).await.expect("write request");
+    let (head, _) = read_response(&mut stream).await.expect("response");
+    (head, stream)
+}
+
+/// The proxy answers `request` 413 and closes the connection.
+async fn assert_413_and_closed(proxy: &Proxy, request: &[u8]) {
+    let (head, mut stream) = answer_to(proxy, request).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(
+        time_to_close(&mut stream, WAIT).await.is_some(),
+        "the connection stayed open after 413"
+    );
+}
+
+/// A chunked request whose body is `pieces` chunks of `len` bytes each, terminated.
+fn chunked_post(path: &str, pieces: usize, len: usize) -> Vec<u8> {
+    let mut request =
+        format!("POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for _ in 0..pieces {
+        request.extend_from_slice(format!("{len:x}\r\n").as_bytes());
+        request.extend(std::iter::repeat_n(b'a', len));
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    request
+}
+
+#[tokio::test]
+async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
+    let primary = Origin::start(OriginOptions::named("app")).await;
+    let shadow = Origin::start(OriginOptions::named("shadow")).await;
+    let proxy = Proxy::start_with_listener(
+        "    h2c: true\n    client: { max_body_bytes: 1000 }",
+        &format!(
+            "upstreams:\n{}{}routes:\n  - name: api\n    upstream: app\n    mirrors: [{{ upstream: shadow, percentage: 100, methods: [POST] }}]\n",
+            pool("app", &[primary.addr], ""),
+            pool("shadow", &[shadow.addr], "")
+        ),
+    )
+    .await;
+
+    // Within the limit, with a length and chunked: passed on, and mirrored.
+    let mut at_limit = b"POST /length HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n".to_vec();
+    at_limit.extend(std::iter::repeat_n(b'a', 1000));
+    let (head, _) = answer_to(&proxy, &at_limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, _) = answer_to(&proxy, &chunked_post("/chunked", 2, 500)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // A declared length over it: answered before the body, which is never read.
+    assert_413_and_closed(
+        &proxy,
+        b"POST /declared HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n",
+    )
+    .await;
+    // Chunked, crossing it at the second chunk: the header and first chunk went
+    // upstream and to the shadow, the rest goes nowhere.
+    assert_413_and_closed(&proxy, &chunked_post("/streamed", 3, 600)).await;
+
+    // HTTP/2 without a length: the stream is answered 413.
+    let (mut client, _connection) = h2c_connect(proxy.addr).await;
+    let request = http::Request::post(format!("http://{}/h2", proxy.addr))
+        .body(())
+        .expect("request");
+    let (response, mut body) = client.send_request(request, false).expect("send");
+    for last in [false, true] {
+        body.send_data(bytes::Bytes::from(vec![b'a'; 600]), last)
+            .expect("send data");
+    }
+    let response = tokio::time::timeout(WAIT, response)
+        .await
+        .expect("no answer within WAIT")
+        .expect("response head");
+    assert_eq!(response.status(), 413);
+
+    // Only the two requests within the limit reached either side whole.
+    common::wait_idle(&proxy).await;
+    let uris = |origin: &Origin| -> Vec<String> {
+        origin.requests().iter().map(|r| r.uri.clone()).collect()
+    };
+    assert_eq!(uris(&primary), ["/length", "/chunked"]);
+    assert_eq!(uris(&shadow), ["/length", "/chunked"]);
+}
