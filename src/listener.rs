@@ -139,6 +139,8 @@ fn check_body_length(session: &mut Session, max: u64) -> Result<Option<u64>> {
             body_too_large(max)
         }
         Some(_) => Ok(None),
+        // What follows an upgrade (a WebSocket) is a tunnel, not a request body.
+        None if crate::request::is_upgrade(session.req_header()) => Ok(None),
         None => Ok(Some(max)),
     }
 }

@@ -468,9 +468,12 @@ impl ProxyHttp for ShadowGate {
 
     /// A client that hangs up mid-request is routine at the edge: it is counted
     /// (status 499) rather than logged as an error; so is a header or body over the
-    /// listener's limits.
+    /// listener's limits, and a client that pauses past its timeouts (408, or a
+    /// WebSocket left idle): anyone could otherwise flood the error log.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        client_went_away(e) || matches!(e.etype(), ErrorType::HTTPStatus(413 | 431))
+        client_went_away(e)
+            || client_timed_out(e)
+            || matches!(e.etype(), ErrorType::HTTPStatus(413 | 431))
     }
 
     /// Always last: close out the shadows, hand the capture to comparisons, record metrics and the access log.
@@ -558,6 +561,14 @@ fn server_broke_off(e: &Error) -> bool {
         e.etype(),
         ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
     )
+}
+
+fn client_timed_out(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        )
 }
 
 fn client_went_away(e: &Error) -> bool {

@@ -345,6 +345,10 @@ pub enum Misbehavior {
     /// A keep-alive origin (Content-Length bodies only) that answers `200 ok` as soon
     /// as it has a request's header, then reads the body before the next request.
     AnswersBeforeBody,
+    /// Not a misbehaviour: a WebSocket server as far as a proxy sees it. Answers the
+    /// request `101 Switching Protocols`, then echoes every byte until the peer
+    /// closes; the request head goes to `answered`.
+    UpgradeEcho,
 }
 
 /// A TCP origin that breaks the protocol on purpose. Counts accepted connections.
@@ -404,6 +408,29 @@ impl RawOrigin {
                         Misbehavior::AnswersBeforeBody => {
                             serve_keep_alive(stream, None, true, log).await;
                         }
+                        Misbehavior::UpgradeEcho => {
+                            let mut got = Vec::new();
+                            let head_end = loop {
+                                if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                                    break at + 4;
+                                }
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                                }
+                            };
+                            log.lock()
+                                .expect("answered log")
+                                .push(got[..head_end].to_vec());
+                            let switched = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                            if stream.write_all(switched).await.is_err()
+                                || stream.write_all(&got[head_end..]).await.is_err()
+                            {
+                                return;
+                            }
+                            let (mut from, mut to) = stream.split();
+                            let _ = tokio::io::copy(&mut from, &mut to).await;
+                        }
                         Misbehavior::Stall => {
                             // Hold the connection open, unread, until the peer gives up.
                             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -425,7 +452,7 @@ impl RawOrigin {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    /// Bodies of the requests answered so far.
+    /// Bodies of the requests answered so far (request heads for `UpgradeEcho`).
     pub fn answered(&self) -> Vec<Vec<u8>> {
         self.answered.lock().expect("answered log").clone()
     }
