@@ -190,8 +190,9 @@ pub struct HeaderRules {
     pub max_fields: u64,
     pub underscores: UnderscoreHeaders,
     pub underscore_counts: UnderscoreCounters,
-    /// `max_body_bytes`: checked against `Content-Length` with the header, counted as
-    /// a body of unknown length streams. `None`: no limit.
+    /// `max_body_bytes`, unless the request's route has its own: checked against
+    /// `Content-Length` once the request is routed, counted as a body of unknown
+    /// length streams. `None`: no limit.
     pub max_body_bytes: Option<u64>,
 }
 

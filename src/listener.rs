@@ -66,9 +66,9 @@ struct RequestState {
 /// Called from `early_request_filter`, which Pingora runs right after the header was read:
 /// stops the header clock, applies the listener's keep-alive switch (Pingora has just set
 /// keep-alive from the request's own `Connection` header), answers 431 to a header over
-/// the listener's limits and 413 to a `Content-Length` over its body limit, applies its
-/// rule for field names with an underscore and drops a client's own mirror marker.
-/// Returns the body limit to count a body of unknown length against as it streams.
+/// the listener's limits, applies its rule for field names with an underscore and drops a
+/// client's own mirror marker. Returns the listener's `max_body_bytes` (a route may
+/// override it: `check_body_length` applies the one that holds).
 pub fn header_received(session: &mut Session, listeners: &LimitsByListener) -> Result<Option<u64>> {
     let checked = CURRENT_REQUEST.try_with(|state| {
         state.header_received.store(true, Ordering::Relaxed);
@@ -114,16 +114,13 @@ fn check_header(session: &mut Session, rules: &HeaderRules) -> Result<Option<u64
     if found.underscored {
         apply_underscore_rule(session, rules)?;
     }
-    match rules.max_body_bytes {
-        Some(max) => check_body_length(session, max),
-        None => Ok(None),
-    }
+    Ok(rules.max_body_bytes)
 }
 
 /// `max_body_bytes` against the declared `Content-Length`: 413 and close when over it (the
 /// body is not read: nothing of it goes anywhere). Without a length (chunked, or HTTP/2
 /// without one) the body is counted as it streams: the limit is returned for that.
-fn check_body_length(session: &mut Session, max: u64) -> Result<Option<u64>> {
+pub fn check_body_length(session: &mut Session, max: u64) -> Result<Option<u64>> {
     // Pingora has checked the field (one value, or equal ones) on HTTP/1; `h2` checks
     // an HTTP/2 stream's DATA against it.
     let declared = session

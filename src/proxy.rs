@@ -32,6 +32,8 @@ pub struct Route {
     pub name: String,
     pool: Arc<Pool>,
     upstream_host: Option<HeaderValue>,
+    /// `max_body_bytes` here in place of the listener's: `Some(0)` is no limit.
+    max_body_bytes: Option<u64>,
     mirrors: Vec<Arc<Mirror>>,
     metrics: RouteMetrics,
 }
@@ -65,8 +67,9 @@ pub struct RequestCtx {
     tee: MirrorTee,
     /// The request's `X-Request-Id`, kept or made in `request_filter`.
     request_id: Option<HeaderValue>,
-    /// The listener's `max_body_bytes` for a body of unknown length, and how much of
-    /// it this attempt has passed on.
+    /// The body limit: the listener's `max_body_bytes` from `early_request_filter`,
+    /// then, once routed, what is left to count of a body of unknown length; and how
+    /// much of the body this attempt has passed on.
     body_limit: Option<u64>,
     body_bytes: u64,
 }
@@ -110,6 +113,7 @@ impl ShadowGate {
                     .upstream_host
                     .as_ref()
                     .map(|h| h.header_value().clone()),
+                max_body_bytes: route.max_body_bytes,
                 mirrors,
                 metrics: metrics.route(&route.name),
             };
@@ -269,6 +273,14 @@ impl ProxyHttp for ShadowGate {
                 )
                 .await?;
             return Ok(true);
+        };
+        // The route's body limit in place of the listener's, if it has one.
+        let body_limit = route
+            .max_body_bytes
+            .map_or(ctx.body_limit, |max| (max > 0).then_some(max));
+        ctx.body_limit = match body_limit {
+            Some(max) => crate::listener::check_body_length(session, max)?,
+            None => None,
         };
         if !route.mirrors.is_empty() {
             let body_empty = session.as_mut().is_body_empty();

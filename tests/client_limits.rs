@@ -854,19 +854,39 @@ fn chunked_post(path: &str, pieces: usize, len: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
+    const ROUTES: &str = r"routes:
+  - { name: uploads, match: { path_prefix: /uploads }, upstream: app, max_body_bytes: 0 }
+  - { name: small, match: { path_prefix: /small }, upstream: app, max_body_bytes: 100 }
+  - name: api
+    upstream: app
+    mirrors: [{ upstream: shadow, percentage: 100, methods: [POST] }]
+";
     let primary = Origin::start(OriginOptions::named("app")).await;
     let shadow = Origin::start(OriginOptions::named("shadow")).await;
     let proxy = Proxy::start_with_listener(
         "    h2c: true\n    client: { max_body_bytes: 1000 }",
         &format!(
-            "upstreams:\n{}{}routes:\n  - name: api\n    upstream: app\n    mirrors: [{{ upstream: shadow, percentage: 100, methods: [POST] }}]\n",
+            "upstreams:\n{}{}{ROUTES}",
             pool("app", &[primary.addr], ""),
             pool("shadow", &[shadow.addr], "")
         ),
     )
     .await;
 
-    // Within the limit, with a length and chunked: passed on, and mirrored.
+    // A route's own limit holds in place of the listener's, higher or lower.
+    let mut upload =
+        b"POST /uploads/a HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n".to_vec();
+    upload.extend(std::iter::repeat_n(b'a', 5000));
+    let (head, _) = answer_to(&proxy, &upload).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_413_and_closed(
+        &proxy,
+        b"POST /small HTTP/1.1\r\nHost: t\r\nContent-Length: 101\r\n\r\n",
+    )
+    .await;
+    assert_413_and_closed(&proxy, &chunked_post("/small", 2, 60)).await;
+
+    // Within the listener's limit, with a length and chunked: passed on, and mirrored.
     let mut at_limit = b"POST /length HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n".to_vec();
     at_limit.extend(std::iter::repeat_n(b'a', 1000));
     let (head, _) = answer_to(&proxy, &at_limit).await;
@@ -907,7 +927,7 @@ async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
     let uris = |origin: &Origin| -> Vec<String> {
         origin.requests().iter().map(|r| r.uri.clone()).collect()
     };
-    assert_eq!(uris(&primary), ["/length", "/chunked"]);
+    assert_eq!(uris(&primary), ["/uploads/a", "/length", "/chunked"]);
     assert_eq!(uris(&shadow), ["/length", "/chunked"]);
 }
 

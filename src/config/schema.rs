@@ -221,6 +221,10 @@ pub struct RouteConfig {
     /// Rewrite the Host header sent to the primary; unchanged by default.
     #[serde(default)]
     pub upstream_host: Option<HostHeader>,
+    /// The request body limit on this route, in place of the listener's
+    /// `client.max_body_bytes` (0: no limit); the listener's by default.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
     #[serde(default)]
     pub mirrors: Vec<MirrorConfig>,
 }
