@@ -820,12 +820,33 @@ async fn http2_underscored_header_fields_are_dropped() {
     assert_eq!(underscore_count(&proxy, "dropped").await, 1.0);
 }
 
+/// A proxy with these listener settings, pools `app` (one server) and `shadow` (one
+/// server), and these routes.
+async fn proxy_with_shadow(
+    listener_extra: &str,
+    app: SocketAddr,
+    shadow: SocketAddr,
+    routes: &str,
+) -> Proxy {
+    let sections = format!(
+        "upstreams:\n{}{}{routes}",
+        pool("app", &[app], ""),
+        pool("shadow", &[shadow], "")
+    );
+    Proxy::start_with_listener(listener_extra, &sections).await
+}
+
 /// One raw request on a new connection: the response head, and the connection.
 async fn answer_to(proxy: &Proxy, request: &[u8]) -> (String, TcpStream) {
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     stream.write_all(request).await.expect("write request");
     let (head, _) = read_response(&mut stream).await.expect("response");
     (head, stream)
+}
+
+async fn assert_200(proxy: &Proxy, request: &[u8]) {
+    let (head, _) = answer_to(proxy, request).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 
 /// The proxy answers `request` 413 and closes the connection.
@@ -836,6 +857,14 @@ async fn assert_413_and_closed(proxy: &Proxy, request: &[u8]) {
         time_to_close(&mut stream, WAIT).await.is_some(),
         "the connection stayed open after 413"
     );
+}
+
+/// A request with a body of `len` bytes and its `Content-Length`.
+fn post_with_length(path: &str, len: usize) -> Vec<u8> {
+    let mut request =
+        format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+    request.extend(std::iter::repeat_n(b'a', len));
+    request
 }
 
 /// A chunked request whose body is `pieces` chunks of `len` bytes each, terminated.
@@ -863,22 +892,16 @@ async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
 ";
     let primary = Origin::start(OriginOptions::named("app")).await;
     let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start_with_listener(
+    let proxy = proxy_with_shadow(
         "    h2c: true\n    client: { max_body_bytes: 1000 }",
-        &format!(
-            "upstreams:\n{}{}{ROUTES}",
-            pool("app", &[primary.addr], ""),
-            pool("shadow", &[shadow.addr], "")
-        ),
+        primary.addr,
+        shadow.addr,
+        ROUTES,
     )
     .await;
 
     // A route's own limit holds in place of the listener's, higher or lower.
-    let mut upload =
-        b"POST /uploads/a HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n".to_vec();
-    upload.extend(std::iter::repeat_n(b'a', 5000));
-    let (head, _) = answer_to(&proxy, &upload).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_200(&proxy, &post_with_length("/uploads/a", 5000)).await;
     assert_413_and_closed(
         &proxy,
         b"POST /small HTTP/1.1\r\nHost: t\r\nContent-Length: 101\r\n\r\n",
@@ -887,12 +910,8 @@ async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
     assert_413_and_closed(&proxy, &chunked_post("/small", 2, 60)).await;
 
     // Within the listener's limit, with a length and chunked: passed on, and mirrored.
-    let mut at_limit = b"POST /length HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n".to_vec();
-    at_limit.extend(std::iter::repeat_n(b'a', 1000));
-    let (head, _) = answer_to(&proxy, &at_limit).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (head, _) = answer_to(&proxy, &chunked_post("/chunked", 2, 500)).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_200(&proxy, &post_with_length("/length", 1000)).await;
+    assert_200(&proxy, &chunked_post("/chunked", 2, 500)).await;
 
     // A declared length over it: answered before the body, which is never read.
     assert_413_and_closed(
@@ -935,13 +954,11 @@ async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
 async fn an_upgraded_connection_is_a_tunnel_not_a_body() {
     let echo = RawOrigin::start(Misbehavior::UpgradeEcho).await;
     let shadow = Origin::start(OriginOptions::named("shadow")).await;
-    let proxy = Proxy::start_with_listener(
+    let proxy = proxy_with_shadow(
         "    client: { max_body_bytes: 1000 }",
-        &format!(
-            "upstreams:\n{}{}routes:\n  - name: api\n    upstream: app\n    mirrors: [{{ upstream: shadow, percentage: 100, methods: [GET] }}]\n",
-            pool("app", &[echo.addr], ""),
-            pool("shadow", &[shadow.addr], "")
-        ),
+        echo.addr,
+        shadow.addr,
+        "routes:\n  - name: api\n    upstream: app\n    mirrors: [{ upstream: shadow, percentage: 100, methods: [GET] }]\n",
     )
     .await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");

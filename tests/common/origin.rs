@@ -392,11 +392,8 @@ impl RawOrigin {
                         }
                         Misbehavior::Garbage => {
                             let mut got = Vec::new();
-                            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                                match stream.read(&mut buf).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                                }
+                            if read_head(&mut stream, &mut got, &mut buf).await.is_none() {
+                                return;
                             }
                             let _ = stream.write_all(b"this is not http at all\r\n\r\n").await;
                             let _ = stream.shutdown().await;
@@ -410,14 +407,9 @@ impl RawOrigin {
                         }
                         Misbehavior::UpgradeEcho => {
                             let mut got = Vec::new();
-                            let head_end = loop {
-                                if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                                    break at + 4;
-                                }
-                                match stream.read(&mut buf).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                                }
+                            let Some(head_end) = read_head(&mut stream, &mut got, &mut buf).await
+                            else {
+                                return;
                             };
                             log.lock()
                                 .expect("answered log")
@@ -458,6 +450,24 @@ impl RawOrigin {
     }
 }
 
+/// Read from `stream` into `got` until it holds a whole request head; the head's length
+/// with its blank line, or `None` if the peer closes first.
+async fn read_head(
+    stream: &mut tokio::net::TcpStream,
+    got: &mut Vec<u8>,
+    scratch: &mut [u8],
+) -> Option<usize> {
+    loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(at + 4);
+        }
+        match stream.read(scratch).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&scratch[..n]),
+        }
+    }
+}
+
 /// Minimal HTTP/1.1 keep-alive server for Content-Length bodies; `answer_early`
 /// answers each request once its header is in, before reading its body.
 async fn serve_keep_alive(
@@ -470,14 +480,8 @@ async fn serve_keep_alive(
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
     for request_index in 0.. {
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let Some(head_end) = read_head(&mut stream, &mut buf, &mut chunk).await else {
+            return;
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
         let length: usize = head
