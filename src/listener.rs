@@ -1,6 +1,6 @@
 //! The client side of the listeners: a `ServerApp` around Pingora's HTTP proxy that enforces
 //! `listeners[].client` — connection caps, a total header deadline, idle, body and send timeouts,
-//! header size, and the fields a client's header may not carry further (names with an
+//! header and body size, and the fields a client's header may not carry further (names with an
 //! underscore, the mirror's marker).
 //!
 //! Pingora's own HTTP/1 loop applies its keep-alive timeout to each `read()` of the header, so a
@@ -117,10 +117,14 @@ fn check_header(session: &mut Session, rules: &HeaderRules) -> Result<Option<u64
     Ok(rules.max_body_bytes)
 }
 
-/// `max_body_bytes` against the declared `Content-Length`: 413 and close when over it (the
-/// body is not read: nothing of it goes anywhere). Without a length (chunked, or HTTP/2
-/// without one) the body is counted as it streams: the limit is returned for that.
-pub fn check_body_length(session: &mut Session, max: u64) -> Result<Option<u64>> {
+/// A body limit (`max_body_bytes`, if any) against the declared `Content-Length`: 413 and
+/// close when over it (the body is not read: nothing of it goes anywhere). Without a
+/// length (chunked, or HTTP/2 without one) the body is counted as it streams: the limit
+/// is returned for that.
+pub fn check_body_length(session: &mut Session, limit: Option<u64>) -> Result<Option<u64>> {
+    let Some(max) = limit else {
+        return Ok(None);
+    };
     // Pingora has checked the field (one value, or equal ones) on HTTP/1; `h2` checks
     // an HTTP/2 stream's DATA against it.
     let declared = session
@@ -142,11 +146,11 @@ pub fn check_body_length(session: &mut Session, max: u64) -> Result<Option<u64>>
     }
 }
 
-/// The 413 for a request body over the listener's `max_body_bytes`.
+/// The 413 for a request body over its `max_body_bytes` (the route's or the listener's).
 pub fn body_too_large<T>(max: u64) -> Result<T> {
     Error::e_explain(
         ErrorType::HTTPStatus(413),
-        format!("request body over the listener's max_body_bytes ({max})"),
+        format!("request body over max_body_bytes ({max})"),
     )
 }
 

@@ -278,10 +278,7 @@ impl ProxyHttp for ShadowGate {
         let body_limit = route
             .max_body_bytes
             .map_or(ctx.body_limit, |max| (max > 0).then_some(max));
-        ctx.body_limit = match body_limit {
-            Some(max) => crate::listener::check_body_length(session, max)?,
-            None => None,
-        };
+        ctx.body_limit = crate::listener::check_body_length(session, body_limit)?;
         if !route.mirrors.is_empty() {
             let body_empty = session.as_mut().is_body_empty();
             let body = RequestBody::of(session.req_header(), body_empty);
@@ -399,8 +396,8 @@ impl ProxyHttp for ShadowGate {
         Ok(())
     }
 
-    /// Per body chunk, after the header went upstream: hold a body of unknown length to the
-    /// listener's limit, then tee it to the shadows.
+    /// Per body chunk, after the header went upstream: hold a body of unknown length to its
+    /// limit (the route's or the listener's), then tee it to the shadows.
     async fn request_body_filter(
         &self,
         session: &mut Session,
