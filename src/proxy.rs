@@ -252,6 +252,9 @@ impl ProxyHttp for ShadowGate {
         if let Some(reason) = request::refusal(session.req_header(), raw_header.as_deref()) {
             return refuse(session, reason).await;
         }
+        if session.req_header().version == http::Version::HTTP_2 {
+            request::join_cookie_crumbs(session.req_header_mut());
+        }
         // Routed by its resolved path; the path goes upstream as sent.
         let req = session.req_header();
         let found = routing_path(req.uri.path()).map(|path| {

@@ -212,6 +212,26 @@ pub fn relay_proxy_authorization(client: &RequestHeader, upstream: &mut RequestH
     }
 }
 
+/// An HTTP/2 client may send `Cookie` as one field per cookie (browsers do, for header
+/// compression); they are one field again, joined by `"; "`, before the request goes on,
+/// since an HTTP/1.1 server may read only one `Cookie` line (RFC 9113 §8.2.3).
+pub fn join_cookie_crumbs(req: &mut RequestHeader) {
+    let crumbs = req.headers.get_all(header::COOKIE);
+    if crumbs.iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for crumb in crumbs {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(cookie) = HeaderValue::from_bytes(&joined) {
+        let _ = req.insert_header(header::COOKIE, cookie);
+    }
+}
+
 /// Whether the `Connection` header lists `name`.
 fn connection_nominates(req: &RequestHeader, name: &str) -> bool {
     req.headers
@@ -266,6 +286,22 @@ mod tests {
             req.append_header(k.to_string(), *v).unwrap();
         }
         req
+    }
+
+    #[test]
+    fn cookie_crumbs_become_one_field_and_one_cookie_is_left_alone() {
+        let mut req = request(&[("cookie", "a=1"), ("x", "y"), ("cookie", "b=2; c=3")]);
+        join_cookie_crumbs(&mut req);
+        let cookies: Vec<&[u8]> = req
+            .headers
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(cookies, [&b"a=1; b=2; c=3"[..]]);
+        let mut req = request(&[("cookie", "a=1")]);
+        join_cookie_crumbs(&mut req);
+        assert_eq!(req.headers.get_all("cookie").iter().count(), 1);
     }
 
     #[test]

@@ -748,6 +748,31 @@ async fn h2_post(addr: SocketAddr, path: &str, body: &[u8], content_length: bool
     status
 }
 
+#[tokio::test]
+async fn http2_cookie_crumbs_reach_the_primary_and_the_shadow_as_one_field() {
+    let (primary, shadow, proxy) = mirroring_posts("    h2c: true").await;
+    let (mut client, _connection) = h2c_connect(proxy.addr).await;
+    // As browsers send them over HTTP/2: one field per cookie.
+    let request = http::Request::post(format!("http://{}/api/cookies", proxy.addr))
+        .header("cookie", "a=1")
+        .header("x-test", "mirrored")
+        .header("cookie", "b=2; c=3")
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    assert_eq!(response.await.expect("response").status(), 200);
+    for origin in [&primary, &shadow] {
+        let got = origin.wait_for(1, WAIT).await;
+        let cookies: Vec<&str> = got[0]
+            .headers
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().expect("cookie text"))
+            .collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirrored_http2_upload_reaches_the_shadow_byte_for_byte() {
     let (primary, shadow, proxy) = mirroring_posts("    h2c: true").await;
