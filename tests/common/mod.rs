@@ -4,6 +4,7 @@
 pub mod origin;
 pub mod ports;
 pub mod proxy;
+pub mod raw_h2;
 pub mod raw_record;
 pub mod tls;
 

@@ -642,9 +642,14 @@ pub struct MirroredPair {
 
 impl MirroredPair {
     pub async fn start() -> MirroredPair {
+        Self::start_with_listener("").await
+    }
+
+    /// The same with these listener settings (`    h2c: true` for HTTP/2 clients).
+    pub async fn start_with_listener(listener_extra: &str) -> MirroredPair {
         let primary = RecordingOrigin::start("primary").await;
         let shadow = RecordingOrigin::start("shadow").await;
-        let proxy = crate::common::Proxy::start(&format!(
+        let proxy = crate::common::Proxy::start_with_listener(listener_extra, &format!(
             "upstreams:\n{}{}routes:\n  - name: api\n    upstream: app\n    mirrors:\n      - upstream: shadow\n        percentage: 100\n        methods: [GET, HEAD, OPTIONS, POST, PUT, DELETE, PATCH]\n",
             crate::common::pool("app", &[primary.addr], ""),
             crate::common::pool("shadow", &[shadow.addr], ""),
