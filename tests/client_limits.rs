@@ -928,15 +928,8 @@ async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
     let request = http::Request::post(format!("http://{}/h2", proxy.addr))
         .body(())
         .expect("request");
-    let (response, mut body) = client.send_request(request, false).expect("send");
-    for last in [false, true] {
-        body.send_data(bytes::Bytes::from(vec![b'a'; 600]), last)
-            .expect("send data");
-    }
-    let response = tokio::time::timeout(WAIT, response)
-        .await
-        .expect("no answer within WAIT")
-        .expect("response head");
+    let piece = [b'a'; 600];
+    let response = common::h2_send(&mut client, request, &[&piece, &piece]).await;
     assert_eq!(response.status(), 413);
 
     // Only the two requests within the limit reached either side whole; the shadow

@@ -748,6 +748,57 @@ async fn h2_post(addr: SocketAddr, path: &str, body: &[u8], content_length: bool
     status
 }
 
+/// gRPC through the proxy: an HTTP/2 client to an HTTP/2 upstream, `te: trailers` passed
+/// on (gRPC servers may require it) and the response's trailers, which carry gRPC's status,
+/// back to the client.
+#[tokio::test]
+async fn grpc_over_http2_keeps_te_and_the_status_trailers() {
+    let origin = common::origin::TrailersOrigin::start().await;
+    let proxy = Proxy::start_with_listener(
+        "    h2c: true",
+        &format!(
+            "upstreams:\n{}routes:\n  - {{ name: grpc, upstream: app }}\n",
+            pool("app", &[origin.addr], "    protocol: h2c\n")
+        ),
+    )
+    .await;
+    let (mut client, _connection) = h2c_connect(proxy.addr).await;
+    let request = http::Request::post(format!("http://{}/pkg.Service/Method", proxy.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let response = h2_send(&mut client, request, &[b"\0\0\0\0\x02yo"]).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("response data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    assert_eq!(data, b"\0\0\0\0\x02hi");
+    let trailers = body
+        .trailers()
+        .await
+        .expect("trailers")
+        .expect("some trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    assert_eq!(
+        trailers.get("grpc-message").map(|v| v.as_bytes()),
+        Some(&b"ok"[..])
+    );
+    let received = origin.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0].0.headers.get("te").map(|v| v.as_bytes()),
+        Some(&b"trailers"[..])
+    );
+}
+
 #[tokio::test]
 async fn http2_cookie_crumbs_reach_the_primary_and_the_shadow_as_one_field() {
     let (primary, shadow, proxy) = mirroring_posts("    h2c: true").await;

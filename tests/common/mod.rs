@@ -169,6 +169,26 @@ pub async fn h2c_connect(
     (client.ready().await.expect("h2 ready"), connection)
 }
 
+/// Send `request` on an HTTP/2 connection with its body in these DATA frames (the last
+/// ends the stream; none: a request without a body); the response head, within `WAIT`.
+pub async fn h2_send(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    request: http::Request<()>,
+    frames: &[&[u8]],
+) -> http::Response<h2::RecvStream> {
+    let (response, mut body) = client
+        .send_request(request, frames.is_empty())
+        .expect("send");
+    for (i, frame) in frames.iter().enumerate() {
+        body.send_data(bytes::Bytes::copy_from_slice(frame), i + 1 == frames.len())
+            .expect("send data");
+    }
+    tokio::time::timeout(WAIT, response)
+        .await
+        .expect("an answer within WAIT")
+        .expect("response head")
+}
+
 /// A connection to `to` from the loopback address `source` (a client address of its own,
 /// for the per-address caps).
 pub async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {

@@ -166,18 +166,13 @@ impl Origin {
             answered: AtomicU64::new(0),
         });
         let state = shared.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, state.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+        let task = accept_each(listener, move |stream| {
+            let state = state.clone();
+            async move {
+                let service = service_fn(move |req| handle(req, state.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             }
         });
         Origin { addr, shared, task }
@@ -368,68 +363,63 @@ impl RawOrigin {
         let answered = Arc::new(Mutex::new(Vec::new()));
         let counter = accepted.clone();
         let log = answered.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let index = counter.fetch_add(1, Ordering::SeqCst);
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 * 1024];
-                    match behavior {
-                        Misbehavior::ResetAfter(limit) => {
-                            let mut seen = 0;
-                            while seen < limit {
-                                match stream.read(&mut buf).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(n) => seen += n,
-                                }
+        let task = accept_each(listener, move |mut stream| {
+            let index = counter.fetch_add(1, Ordering::SeqCst);
+            let log = log.clone();
+            async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                match behavior {
+                    Misbehavior::ResetAfter(limit) => {
+                        let mut seen = 0;
+                        while seen < limit {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen += n,
                             }
-                            // Linger 0 turns the close into a reset.
-                            let _ = stream.set_zero_linger();
-                            drop(stream);
                         }
-                        Misbehavior::Garbage => {
-                            let mut got = Vec::new();
-                            if read_head(&mut stream, &mut got, &mut buf).await.is_none() {
-                                return;
-                            }
-                            let _ = stream.write_all(b"this is not http at all\r\n\r\n").await;
-                            let _ = stream.shutdown().await;
-                        }
-                        Misbehavior::ResetReusedMidBody(after) => {
-                            let reset_after = (index == 0).then_some(after);
-                            serve_keep_alive(stream, reset_after, false, log).await;
-                        }
-                        Misbehavior::AnswersBeforeBody => {
-                            serve_keep_alive(stream, None, true, log).await;
-                        }
-                        Misbehavior::UpgradeEcho => {
-                            let mut got = Vec::new();
-                            let Some(head_end) = read_head(&mut stream, &mut got, &mut buf).await
-                            else {
-                                return;
-                            };
-                            log.lock()
-                                .expect("answered log")
-                                .push(got[..head_end].to_vec());
-                            let switched = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
-                            if stream.write_all(switched).await.is_err()
-                                || stream.write_all(&got[head_end..]).await.is_err()
-                            {
-                                return;
-                            }
-                            let (mut from, mut to) = stream.split();
-                            let _ = tokio::io::copy(&mut from, &mut to).await;
-                        }
-                        Misbehavior::Stall => {
-                            // Hold the connection open, unread, until the peer gives up.
-                            tokio::time::sleep(Duration::from_secs(60)).await;
-                            drop(stream);
-                        }
+                        // Linger 0 turns the close into a reset.
+                        let _ = stream.set_zero_linger();
+                        drop(stream);
                     }
-                });
+                    Misbehavior::Garbage => {
+                        let mut got = Vec::new();
+                        if read_head(&mut stream, &mut got, &mut buf).await.is_none() {
+                            return;
+                        }
+                        let _ = stream.write_all(b"this is not http at all\r\n\r\n").await;
+                        let _ = stream.shutdown().await;
+                    }
+                    Misbehavior::ResetReusedMidBody(after) => {
+                        let reset_after = (index == 0).then_some(after);
+                        serve_keep_alive(stream, reset_after, false, log).await;
+                    }
+                    Misbehavior::AnswersBeforeBody => {
+                        serve_keep_alive(stream, None, true, log).await;
+                    }
+                    Misbehavior::UpgradeEcho => {
+                        let mut got = Vec::new();
+                        let Some(head_end) = read_head(&mut stream, &mut got, &mut buf).await
+                        else {
+                            return;
+                        };
+                        log.lock()
+                            .expect("answered log")
+                            .push(got[..head_end].to_vec());
+                        let switched = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                        if stream.write_all(switched).await.is_err()
+                            || stream.write_all(&got[head_end..]).await.is_err()
+                        {
+                            return;
+                        }
+                        let (mut from, mut to) = stream.split();
+                        let _ = tokio::io::copy(&mut from, &mut to).await;
+                    }
+                    Misbehavior::Stall => {
+                        // Hold the connection open, unread, until the peer gives up.
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop(stream);
+                    }
+                }
             }
         });
         RawOrigin {
@@ -522,4 +512,94 @@ impl Drop for RawOrigin {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Accept connections on `listener` until the task is aborted, each served by `serve`
+/// in a task of its own.
+fn accept_each<F, Fut>(listener: TcpListener, mut serve: F) -> JoinHandle<()>
+where
+    F: FnMut(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(serve(stream));
+        }
+    })
+}
+
+/// A request as `TrailersOrigin` received it: its header, and its trailers if any.
+pub type RequestWithTrailers = (http::request::Parts, Option<http::HeaderMap>);
+
+/// An HTTP/2 cleartext origin that answers as a gRPC server does: a header, a body, then
+/// trailers (`grpc-status: 0`). Records each request's header fields, and any trailers.
+pub struct TrailersOrigin {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<RequestWithTrailers>>>,
+    task: JoinHandle<()>,
+}
+
+impl TrailersOrigin {
+    pub async fn start() -> TrailersOrigin {
+        let listener = super::ports::listener().await;
+        let addr = listener.local_addr().expect("address");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let log = received.clone();
+        let task = accept_each(listener, move |stream| {
+            let log = log.clone();
+            async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((request, respond))) = connection.accept().await {
+                    tokio::spawn(answer_with_trailers(request, respond, log.clone()));
+                }
+            }
+        });
+        TrailersOrigin {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    /// Each request's header and trailers, in arrival order.
+    pub fn received(&self) -> Vec<RequestWithTrailers> {
+        self.received.lock().expect("received log").clone()
+    }
+}
+
+impl Drop for TrailersOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer_with_trailers(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    log: Arc<Mutex<Vec<RequestWithTrailers>>>,
+) {
+    let (parts, mut body) = request.into_parts();
+    while let Some(Ok(data)) = body.data().await {
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let trailers = body.trailers().await.ok().flatten();
+    log.lock().expect("received log").push((parts, trailers));
+    let response = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("response");
+    let Ok(mut send) = respond.send_response(response, false) else {
+        return;
+    };
+    let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02hi"), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert("grpc-message", http::HeaderValue::from_static("ok"));
+    let _ = send.send_trailers(trailers);
 }
