@@ -940,7 +940,10 @@ async fn a_body_over_max_body_bytes_gets_413_and_reaches_no_upstream_whole() {
         origin.requests().iter().map(|r| r.uri.clone()).collect()
     };
     assert_eq!(uris(&primary), ["/uploads/a", "/length", "/chunked"]);
-    assert_eq!(uris(&shadow), ["/length", "/chunked"]);
+    // Shadows run on their own: in either order.
+    let mut at_shadow = uris(&shadow);
+    at_shadow.sort();
+    assert_eq!(at_shadow, ["/chunked", "/length"]);
 }
 
 #[tokio::test]
@@ -954,35 +957,40 @@ async fn an_upgraded_connection_is_a_tunnel_not_a_body() {
         "routes:\n  - name: api\n    upstream: app\n    mirrors: [{ upstream: shadow, percentage: 100, methods: [GET] }]\n",
     )
     .await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .expect("write upgrade");
-    let (head, _) = read_response(&mut stream).await.expect("response");
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    // Both ways, three times the listener's body limit: a tunnel, not a request body.
-    for round in 0..3u8 {
-        let sent = vec![b'a' + round; 1000];
-        stream.write_all(&sent).await.expect("write");
-        let mut echoed = vec![0u8; sent.len()];
-        tokio::time::timeout(
-            WAIT,
-            tokio::io::AsyncReadExt::read_exact(&mut stream, &mut echoed),
-        )
-        .await
-        .expect("echo within WAIT")
-        .expect("echo");
-        assert_eq!(echoed, sent, "round {round}");
+    // Many times over: whether the upstream's 101 or the request's own empty body is
+    // handled first is a race, and the tunnel must survive either order (Pingora's
+    // cloudflare/pingora#946, patched here).
+    const CONNECTIONS: u8 = 20;
+    for connection in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        stream
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .await
+            .expect("write upgrade");
+        let (head, _) = read_response(&mut stream).await.expect("response");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // Both ways, three times the listener's body limit: a tunnel, not a request body.
+        for round in 0..3u8 {
+            let sent = vec![b'a' + round; 1000];
+            stream.write_all(&sent).await.expect("write");
+            let mut echoed = vec![0u8; sent.len()];
+            tokio::time::timeout(
+                WAIT,
+                tokio::io::AsyncReadExt::read_exact(&mut stream, &mut echoed),
+            )
+            .await
+            .expect("echo within WAIT")
+            .unwrap_or_else(|e| panic!("echo, connection {connection}, round {round}: {e}"));
+            assert_eq!(echoed, sent, "connection {connection}, round {round}");
+        }
     }
     let upgrade = String::from_utf8_lossy(&echo.answered()[0]).to_ascii_lowercase();
     assert!(upgrade.contains("upgrade: websocket"), "{upgrade}");
     assert!(upgrade.contains("connection: upgrade"), "{upgrade}");
     // An upgrade is not mirrored: a shadow could not take over the client's tunnel.
-    drop(stream);
     common::wait_idle(&proxy).await;
     assert_eq!(shadow.count(), 0);
 }

@@ -219,7 +219,8 @@ pub fn finish(mut command: Command, mut started: impl FnMut() -> bool) -> std::p
     child.wait_with_output().expect("shadowgate output")
 }
 
-/// Start the binary with a config, logging to a file. Debug logs for shadowgate itself.
+/// Start the binary with a config, logging to a file. Debug logs for shadowgate itself;
+/// `SG_TEST_LOG` sets another `RUST_LOG` (e.g. `debug`, to see Pingora's too).
 pub fn spawn(config: &Path, log: &Path, extra_args: &[&str]) -> Child {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -230,7 +231,10 @@ pub fn spawn(config: &Path, log: &Path, extra_args: &[&str]) -> Child {
         .arg("-c")
         .arg(config)
         .args(extra_args)
-        .env("RUST_LOG", "info,shadowgate=debug")
+        .env(
+            "RUST_LOG",
+            std::env::var("SG_TEST_LOG").unwrap_or("info,shadowgate=debug".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
