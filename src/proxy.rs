@@ -252,6 +252,7 @@ impl ProxyHttp for ShadowGate {
         if let Some(reason) = request::refusal(session.req_header(), raw_header.as_deref()) {
             return refuse(session, reason).await;
         }
+        // Before anything reads it: cookies split per field over HTTP/2 go on as one.
         if session.req_header().version == http::Version::HTTP_2 {
             request::join_cookie_crumbs(session.req_header_mut());
         }
