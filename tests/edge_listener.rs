@@ -662,8 +662,7 @@ async fn h2_get(client: &mut h2::client::SendRequest<Bytes>, to: SocketAddr) -> 
     let request = http::Request::get(format!("http://{to}/api/h2"))
         .body(())
         .expect("request");
-    let (response, _) = client.send_request(request, true).expect("send");
-    response.await.expect("response").status().as_u16()
+    h2_send(client, request, &[]).await.status().as_u16()
 }
 
 #[tokio::test]
